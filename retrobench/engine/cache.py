@@ -55,13 +55,21 @@ class PagedKVCache:
         self._contiguous = True
 
     # ---- bookkeeping ---------------------------------------------------------------------
-    def reserve(self, positions: torch.Tensor) -> None:
-        """Extend sequence lengths to cover ``positions [B, S]`` before a forward writes them."""
-        top = positions.max(dim=1).values + 1
-        if int(top.max()) > self.max_tokens:
-            raise ValueError(f"position {int(top.max()) - 1} exceeds the cache capacity of {self.max_tokens} tokens")
-        self.lengths = torch.maximum(self.lengths, top)
-        self.live.scatter_(1, positions, True)
+    def _rows(self, positions: torch.Tensor, seqs: torch.Tensor | None) -> list[int]:
+        return list(range(positions.shape[0])) if seqs is None else [int(s) for s in seqs]
+
+    def reserve(self, positions: torch.Tensor, seqs: torch.Tensor | None = None) -> None:
+        """Extend sequence lengths to cover ``positions [B', S]`` before a forward writes them.
+
+        Row i of ``positions`` belongs to sequence ``seqs[i]`` (default: row i is sequence i), so a
+        forward may step any subset of the batch.
+        """
+        top = int(positions.max()) + 1
+        if top > self.max_tokens:
+            raise ValueError(f"position {top - 1} exceeds the cache capacity of {self.max_tokens} tokens")
+        for i, b in enumerate(self._rows(positions, seqs)):
+            self.lengths[b] = max(int(self.lengths[b]), int(positions[i].max()) + 1)
+            self.live[b, positions[i]] = True
 
     def evict(self, b: int, positions: torch.Tensor) -> None:
         """Free the KV of ``positions [K]`` of sequence ``b`` in every layer (eviction methods)."""
@@ -80,15 +88,17 @@ class PagedKVCache:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.k.element_size()
 
     # ---- writes -----------------------------------------------------------------------------
-    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store ``k, v [B, H_kv, S, D]`` at ``positions [B, S]`` (append or overwrite) and refresh metadata."""
+    def write(
+        self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: torch.Tensor | None = None
+    ) -> None:
+        """Store ``k, v [B', H_kv, S, D]`` at ``positions [B', S]`` (append or overwrite); refresh metadata."""
         P = self.page_size
-        for b in range(positions.shape[0]):
-            pos = positions[b]
+        for i, b in enumerate(self._rows(positions, seqs)):
+            pos = positions[i]
             phys = self.page_table[b, pos // P]
             slot = pos % P
-            self.k[layer, phys, slot] = k[b].transpose(0, 1).to(self.k.dtype)
-            self.v[layer, phys, slot] = v[b].transpose(0, 1).to(self.v.dtype)
+            self.k[layer, phys, slot] = k[i].transpose(0, 1).to(self.k.dtype)
+            self.v[layer, phys, slot] = v[i].transpose(0, 1).to(self.v.dtype)
             self._refresh_meta(layer, b, torch.unique(pos // P))
 
     def _refresh_meta(self, layer: int, b: int, logical_pages: torch.Tensor) -> None:
