@@ -18,14 +18,21 @@ import torch
 def attention_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float, mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked softmax attention. ``mask`` (bool, True = attend) broadcasts to ``[H_kv, S, T]``."""
+    """Masked softmax attention.
+
+    ``mask`` (bool, True = attend) is ``[H, S, T]`` (per query head), or broadcasts to
+    ``[H_kv, S, T]`` (per KV head, shared by its G query heads).
+    """
     H, S, D = q.shape
     T, H_kv, _ = k.shape
     G = H // H_kv
     qf = q.float().reshape(H_kv, G * S, D)
     scores = torch.bmm(qf, k.float().permute(1, 2, 0)).mul_(scaling).view(H_kv, G, S, T)
     if mask is not None:
-        scores.masked_fill_(~mask.reshape(-1, 1, *mask.shape[-2:]).expand(H_kv, 1, S, T), float("-inf"))
+        m = mask if mask.dim() == 3 else mask.reshape(1, *mask.shape[-2:])
+        # [H, S, T] per query head, or [H_kv | 1, S, T] per KV head / shared
+        m = m.view(H_kv, G, *m.shape[-2:]) if (m.shape[0] == H and G > 1) else m.unsqueeze(1)
+        scores.masked_fill_(~m, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [H_kv, G, S]
     lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     probs = torch.exp(scores.sub_(lse_safe.unsqueeze(-1)))  # a fully masked row gives exp(-inf) = 0

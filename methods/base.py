@@ -62,12 +62,15 @@ class StepInfo:
         being re-run (their K/V overwritten) and the last is the current token.
     step: index of the decode step (0 for the first generated token's forward); -1 in prefill.
     scaling: softmax scale (1/sqrt(D) for Llama-family models).
+    last_chunk: in prefill, whether this forward holds the prompt's last token (eviction methods
+        compress the prompt then).
     """
 
     phase: str
     positions: torch.Tensor
     step: int
     scaling: float
+    last_chunk: bool = False
 
 
 @dataclass
@@ -102,7 +105,8 @@ class Budget:
         if (self.tokens is None) == (self.fraction is None):
             raise ConfigError(
                 "method.budget: set exactly one of method.budget.tokens (int > 0) or "
-                f"method.budget.fraction (0 < b <= 1); got tokens={self.tokens}, fraction={self.fraction}"
+                f"method.budget.fraction (0 < b <= 1), nulling the other (e.g. method.budget.tokens=2048 "
+                f"method.budget.fraction=null); got tokens={self.tokens}, fraction={self.fraction}"
             )
         if self.tokens is not None and (not isinstance(self.tokens, int) or self.tokens <= 0):
             raise ConfigError(f"method.budget.tokens must be an integer > 0, got {self.tokens!r}")
@@ -185,6 +189,13 @@ class Method:
     ) -> AttnResult:
         raise NotImplementedError
 
+    def attended_bound(self, context: int, page_size: int) -> int:
+        """Most KV tokens the current query of a sparse layer may attend at this context length.
+
+        The budget check of the test matrix; each method's card states the same rule.
+        """
+        return context
+
     def end_step(self, info: StepInfo, cache: PagedKVCache, state: Any) -> dict[str, float]:
         """Called once after every forward's last layer; returns extra per-step stats (e.g. exposure)."""
         return {}
@@ -213,7 +224,7 @@ def dense_prefill(layer: int, q: torch.Tensor, cache: PagedKVCache, info: StepIn
         end = int(info.positions[b].max()) + 1
         k, v = cache.keys(layer, b, end), cache.values(layer, b, end)
         out, lse = dense_attention_ref(
-            q[b], k, v, info.positions[b], info.scaling, key_mask=cache.live_mask(b, end)
+            q[b], k, v, info.positions[b], info.scaling, key_mask=cache.live_mask(layer, b, end)
         )
         outs.append(out)
         lses.append(lse)

@@ -19,7 +19,7 @@ def brute_force_meta(cache: PagedKVCache, truth: dict, layer: int, b: int):
     kmin = torch.full((n, H_KV, D), float("inf"))
     kmax = torch.full((n, H_KV, D), float("-inf"))
     for pos, (k, _) in truth[(layer, b)].items():
-        if pos < int(cache.lengths[b]) and bool(cache.live[b, pos]):
+        if pos < int(cache.lengths[b]) and bool(cache.live[layer, b, pos]):
             kmin[pos // P] = torch.minimum(kmin[pos // P], k)
             kmax[pos // P] = torch.maximum(kmax[pos // P], k)
     return kmin, kmax
@@ -60,7 +60,8 @@ def test_meta_exact_after_appends_overwrites_evictions(ops, page_size, permute, 
         else:
             if length == 0:
                 continue
-            cache.evict(b, torch.randperm(length, generator=gen)[:n])
+            layers = [int(torch.randint(0, L, (1,), generator=gen))] if n % 2 else None  # one layer or all
+            cache.evict(b, torch.randperm(length, generator=gen)[:n], layers)
             continue
         seqs = torch.tensor([b])
         cache.reserve(pos.view(1, -1), seqs)
@@ -95,6 +96,8 @@ def test_sequences_do_not_mix():
     assert cache.resident_tokens().tolist() == [6, 6]
     cache.evict(1, torch.tensor([0, 5]))
     assert cache.resident_tokens().tolist() == [6, 4]
+    cache.evict(0, torch.tensor([1]), layers=[0])  # per-layer eviction (TOVA)
+    assert cache.live_mask(0, 0).tolist() == [True, False, True, True, True, True]
 
 
 def test_reserve_beyond_capacity_is_an_error():

@@ -50,8 +50,10 @@ class PagedKVCache:
         # Per-sequence page table: logical page -> physical page (contiguous allocation).
         self.page_table = torch.arange(n_pages, device=device).view(batch_size, self.pages_per_seq)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        # Live slots per sequence (False once evicted); positions >= length are never live.
-        self.live = torch.zeros(batch_size, self.pages_per_seq * page_size, dtype=torch.bool, device=device)
+        # Live slots per layer and sequence (False once evicted); positions >= length are never live.
+        self.live = torch.zeros(
+            num_layers, batch_size, self.pages_per_seq * page_size, dtype=torch.bool, device=device
+        )
         self._contiguous = True
 
     # ---- bookkeeping ---------------------------------------------------------------------
@@ -69,20 +71,20 @@ class PagedKVCache:
             raise ValueError(f"position {top - 1} exceeds the cache capacity of {self.max_tokens} tokens")
         for i, b in enumerate(self._rows(positions, seqs)):
             self.lengths[b] = max(int(self.lengths[b]), int(positions[i].max()) + 1)
-            self.live[b, positions[i]] = True
+            self.live[:, b, positions[i]] = True
 
-    def evict(self, b: int, positions: torch.Tensor) -> None:
-        """Free the KV of ``positions [K]`` of sequence ``b`` in every layer (eviction methods)."""
+    def evict(self, b: int, positions: torch.Tensor, layers: list[int] | None = None) -> None:
+        """Free the KV of ``positions [K]`` of sequence ``b`` in ``layers`` (default: every layer)."""
         if positions.numel() == 0:
             return
-        self.live[b, positions] = False
         pages = torch.unique(positions // self.page_size)
-        for layer in range(self.num_layers):
+        for layer in range(self.num_layers) if layers is None else layers:
+            self.live[layer, b, positions] = False
             self._refresh_meta(layer, b, pages)
 
     def resident_tokens(self) -> torch.Tensor:
-        """``[B]`` live KV tokens per sequence."""
-        return self.live.sum(dim=1)
+        """``[B]`` live KV tokens per sequence, averaged over layers (fp32)."""
+        return self.live.sum(dim=2).float().mean(dim=0)
 
     def bytes_per_token(self) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.k.element_size()
@@ -107,7 +109,7 @@ class PagedKVCache:
         phys = self.page_table[b, logical_pages]
         keys = self.k[layer, phys]  # [n, P, H_kv, D]
         slots = logical_pages.unsqueeze(1) * P + torch.arange(P, device=keys.device)  # [n, P]
-        live = self.live[b].gather(0, slots.reshape(-1)).view_as(slots)
+        live = self.live[layer, b].gather(0, slots.reshape(-1)).view_as(slots)
         live = live & (slots < self.lengths[b])
         mask = live[:, :, None, None]
         inf = torch.tensor(float("inf"), dtype=keys.dtype, device=keys.device)
@@ -135,10 +137,10 @@ class PagedKVCache:
     def values(self, layer: int, b: int, end: int | None = None) -> torch.Tensor:
         return self._gather(self.v, layer, b, int(self.lengths[b]) if end is None else end)
 
-    def live_mask(self, b: int, end: int | None = None) -> torch.Tensor:
-        """``[T]`` bool: which of positions [0, end) hold live (not evicted) KV."""
+    def live_mask(self, layer: int, b: int, end: int | None = None) -> torch.Tensor:
+        """``[T]`` bool: which of positions [0, end) of sequence ``b`` hold live (not evicted) KV in ``layer``."""
         end = int(self.lengths[b]) if end is None else end
-        return self.live[b, :end]
+        return self.live[layer, b, :end]
 
     def page_meta(self, layer: int, b: int, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``kmin, kmax [n_pages, H_kv, D]`` of the pages covering positions [0, end) of sequence ``b``."""

@@ -159,10 +159,16 @@ class Engine:
 
     @torch.inference_mode()
     def forward(
-        self, request: Request, input_ids: torch.Tensor, positions: torch.Tensor, phase: str, step: int
+        self,
+        request: Request,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        phase: str,
+        step: int,
+        last_chunk: bool = False,
     ) -> torch.Tensor:
         """Run ``input_ids [B, S]`` at ``positions [B, S]``; returns the last token's logits ``[B, V]``."""
-        info = StepInfo(phase=phase, positions=positions, step=step, scaling=self.scaling)
+        info = StepInfo(phase=phase, positions=positions, step=step, scaling=self.scaling, last_chunk=last_chunk)
         request.cache.reserve(positions)
         ctx = ForwardContext(cache=request.cache, method=self.method, state=request.state, info=info)
         with self._our_attention():
@@ -174,9 +180,12 @@ class Engine:
         return out.logits[:, -1].float()
 
     def _step_stats(self, request: Request, ctx: ForwardContext) -> dict[str, float]:
-        stats = dict(self.method.end_step(ctx.info, request.cache, request.state))
-        if ctx.attended:  # the current (last) query of each sequence, averaged over sparse layers
-            stats["attended_kv"] = float(torch.stack([a[:, -1] for a in ctx.attended]).mean())
+        stats = {"exposure": 1.0, **self.method.end_step(ctx.info, request.cache, request.state)}
+        stats["context"] = float(ctx.info.positions[:, -1].float().mean() + 1)
+        if ctx.attended:  # the current (last) query of each sequence, over sparse layers
+            current = torch.stack([a[:, -1] for a in ctx.attended])
+            stats["attended_kv"] = float(current.mean())
+            stats["attended_kv_max"] = float(current.max())
         if ctx.pages:
             stats["pages_selected"] = float(torch.stack([p[:, -1] for p in ctx.pages]).mean())
         stats["resident_kv"] = float(self.method.resident_tokens(request.cache, request.state).float().mean())
@@ -189,7 +198,7 @@ class Engine:
         for start in range(0, L, self.prefill_chunk):
             end = min(L, start + self.prefill_chunk)
             pos = torch.arange(start, end, device=self.device).expand(prompt_ids.shape[0], -1)
-            logits = self.forward(request, prompt_ids[:, start:end], pos, "prefill", -1)
+            logits = self.forward(request, prompt_ids[:, start:end], pos, "prefill", -1, last_chunk=end == L)
         assert logits is not None
         return logits
 

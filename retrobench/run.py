@@ -1,0 +1,282 @@
+"""Run orchestration behind ``python -m retrobench run``: validate, then generate, score and store.
+
+Order matters (DESIGN.md "Bad input"): every setting is checked first — the method and task are
+instantiated (their ``__post_init__`` validates), the engine settings, the context length
+against the model's limit, the model's files and the logger — and only then is the model
+loaded and the run folder created. A bad setting therefore costs no model load and writes
+nothing to the result store; it prints one line ``error: <key> ...`` and exits with code 2.
+
+The run itself loops over the task's samples, skipping those already in ``samples.jsonl``
+(resume after a kill), appends one fsync'ed JSON line per sample, and writes ``metrics.json``
+when every sample is done (see :mod:`retrobench.results` and :mod:`retrobench.metrics`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from retrobench import results
+from retrobench.metrics import aggregate, summarize
+from retrobench.validation import RunConfigError, fail, validate
+
+# ---- the run -----------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (once per run)."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def sample_seed(seed: int, sample_id: str) -> int:
+    """Sampling seed of one sample: a function of (run seed, sample id), so resumes reproduce it."""
+    return int(hashlib.sha256(f"{seed}:{sample_id}".encode()).hexdigest()[:8], 16)
+
+
+def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
+    """Token ids of a prompt, wrapped in the model's chat template when asked and available."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(prompt))
+
+
+class _Progress:
+    """A tqdm bar over samples whose postfix shows the decode speed (tokens/s) of the current sample."""
+
+    def __init__(self, total: int, done: int, desc: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=total,
+            initial=done,
+            desc=desc,
+            unit="sample",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
+        self.first = self.last = 0.0
+
+    def begin(self) -> None:
+        self.first = self.last = 0.0
+
+    def on_token(self, n: int) -> None:
+        now = time.perf_counter()
+        if n == 1:  # decode speed is measured from the first token on (prefill excluded)
+            self.first = self.last = now
+        elif now - self.last > 0.5:
+            self.last = now
+            self.show(n, now)
+
+    def show(self, n: int, now: float | None = None) -> None:
+        elapsed = (now or time.perf_counter()) - self.first
+        if n > 1 and elapsed > 0:
+            self.bar.set_postfix_str(f"{n} tok, {(n - 1) / elapsed:.1f} tok/s", refresh=False)
+
+    def finish_sample(self, n: int, decode_s: float) -> None:
+        if n > 1 and decode_s > 0:
+            self.bar.set_postfix_str(f"{n} tok, {(n - 1) / decode_s:.1f} tok/s", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _hydra_output_dir() -> Path | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # not inside a Hydra app
+        return None
+
+
+def _remove_empty(folder: Path | None, stop: Path) -> None:
+    """Remove ``folder`` and its parents below ``stop`` while they are empty (Hydra's log dirs)."""
+    if folder is None:
+        return
+    stop = stop.resolve()
+    folder = folder.resolve()
+    while folder != stop and stop in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
+
+
+def main(cfg: DictConfig) -> None:
+    """Hydra task function (see :mod:`retrobench.cli`)."""
+    hydra_dir = _hydra_output_dir()
+    try:
+        execute(cfg)
+    finally:
+        _remove_empty(hydra_dir, Path(str(cfg.results_dir)))
+
+
+def execute(cfg: DictConfig) -> Path | None:
+    """Validate, then run (or skip) the configured experiment; returns the run folder."""
+    from retrobench.methods.base import ConfigError
+    from retrobench.tasks.base import TaskConfigError
+
+    try:
+        method, task = validate(cfg)
+    except (RunConfigError, ConfigError, TaskConfigError) as exc:
+        fail(str(exc))
+    folder = results.run_dir(cfg)
+    if results.finished(folder) and not cfg.overwrite:
+        print(f"skip: {folder} is finished (metrics.json exists); overwrite=true reruns it", flush=True)
+        return folder
+
+    from retrobench.engine import Engine, Sampling
+    from retrobench.models import ModelConfigError, eos_token_ids, load_model
+
+    seed = int(cfg.seed)
+    seed_everything(seed)
+    try:
+        model, tokenizer = load_model(cfg.model, device=str(cfg.device), dtype=cfg.engine.dtype)
+        engine = Engine(
+            model,
+            method,
+            page_size=int(cfg.engine.page_size),
+            prefill_chunk=int(cfg.engine.prefill_chunk),
+            backend=str(cfg.engine.backend),
+        )
+        samples = task.samples(tokenizer, seed)
+    except (ConfigError, TaskConfigError, ModelConfigError) as exc:
+        fail(str(exc))
+
+    if cfg.overwrite and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / results.CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    results.write_env(folder, engine.backend, str(engine.device))
+    samples_path = folder / results.SAMPLES_FILE
+    done = {row["id"] for row in results.read_samples(samples_path)}
+    todo = [(i, s) for i, s in enumerate(samples) if s.id not in done]
+    wandb_run = _wandb_start(cfg, folder) if cfg.logger.get("name") == "wandb" else None
+
+    eos = eos_token_ids(model, tokenizer)
+    progress = _Progress(len(samples), len(samples) - len(todo), f"{method.name}/{task.name}")
+    try:
+        for index, sample in todo:
+            progress.begin()
+            started = time.perf_counter()
+            prompt_ids = encode_prompt(tokenizer, sample.prompt, bool(task.chat_template))
+            sampling = Sampling(
+                temperature=float(cfg.engine.temperature),
+                top_p=float(cfg.engine.top_p),
+                seed=sample_seed(seed, sample.id),
+            )
+            gen = engine.generate(
+                prompt_ids,
+                int(task.max_new_tokens),
+                sampling=sampling,
+                eos_token_ids=eos,
+                stop_strings=tuple(task.stop),
+                decode=tokenizer.decode,
+                on_token=progress.on_token,
+            )
+            text = tokenizer.decode(gen.tokens, skip_special_tokens=True)
+            score = task.score(sample, text)
+            row = {
+                "id": sample.id,
+                "index": index,
+                "seed": seed,
+                "method": method.name,
+                "task": task.name,
+                "task_version": task.version,
+                "model": cfg.model.get("name"),
+                "backend": engine.backend,
+                "prompt_tokens": len(prompt_ids),
+                "new_tokens": len(gen.tokens),
+                "finish_reason": gen.finish_reason,
+                "output": text,
+                "reference": sample.reference,
+                "score": score,
+                "ttft_s": gen.ttft_s,
+                "tpot_s": {
+                    k: v for k, v in summarize(gen.step_times_s).items() if k in ("mean", "p50", "p90")
+                },
+                "step_times_s": [round(t, 7) for t in gen.step_times_s],
+                "stats": gen.stats,
+                "wall_s": time.perf_counter() - started,
+            }
+            results.append_sample(samples_path, row)
+            if wandb_run is not None:
+                wandb_run.log({f"sample/{k}": v for k, v in score.items() if isinstance(v, (int, float))})
+            progress.finish_sample(len(gen.tokens), sum(gen.step_times_s))
+    except ConfigError as exc:  # e.g. a prompt longer than the engine's limit; finished samples stay
+        progress.close()
+        fail(str(exc))
+    except KeyboardInterrupt:
+        progress.close()
+        print(
+            f"interrupted: finished samples are in {samples_path}; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    progress.close()
+
+    rows = results.read_samples(samples_path)
+    summary = aggregate(rows)
+    record = {
+        "run": folder.name,
+        "method": method.name,
+        "method_settings": method.settings(),
+        "task": task.name,
+        "task_version": task.version,
+        "task_settings": task.settings(),
+        "model": cfg.model.get("name"),
+        "seed": seed,
+        "backend": engine.backend,
+        "device": str(engine.device),
+        **summary,
+    }
+    results.write_json(folder / results.METRICS_FILE, record)
+    if wandb_run is not None:
+        wandb_run.summary.update({k: v for k, v in summary["metrics"].items() if v is not None})
+        wandb_run.finish()
+    shown = {k: summary["metrics"].get(k) for k in ("n", "accuracy", "completion", "tpot_p50_s")}
+    print(
+        f"done: {folder} "
+        + " ".join(f"{k}={v:.4g}" if v is not None else f"{k}=n/a" for k, v in shown.items())
+    )
+    return folder
+
+
+def _wandb_start(cfg: DictConfig, folder: Path) -> Any:
+    """Mirror the run to wandb (imported lazily; offline unless ``logger.mode=online``)."""
+    import wandb
+
+    log = cfg.logger
+    return wandb.init(
+        project=log.get("project"),
+        entity=log.get("entity"),
+        group=log.get("group"),
+        tags=list(log.get("tags") or []),
+        mode=log.get("mode", "offline"),
+        dir=str(Path(str(cfg.results_dir)).resolve()),
+        id=folder.name,
+        name=f"{cfg.method.get('_target_', '').rsplit('.', 1)[-1]}-{folder.name}",
+        resume="allow",
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+__all__ = ["RunConfigError", "execute", "main", "validate"]

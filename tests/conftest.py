@@ -1,0 +1,51 @@
+"""Shared pytest fixtures: the two offline models, each loaded once per session (fp32, CPU).
+
+The environment is forced offline before anything imports huggingface_hub or transformers, so no
+test can reach the network, and wandb never starts.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def conf_dir() -> Path:
+    """The Hydra config folder (``<repo>/conf``)."""
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+def model_conf(name: str):
+    """The OmegaConf config of ``conf/model/<name>.yaml``."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(conf_dir() / "model" / f"{name}.yaml")
+
+
+@pytest.fixture(scope="session")
+def tiny_random():
+    """``(model, ByteTokenizer)`` of ``conf/model/tiny_random.yaml``: fp32, CPU, eval mode."""
+    from retrobench.models import load_model
+
+    return load_model(model_conf("tiny_random"), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """``(model, tokenizer)`` of SmolLM2-135M-Instruct from ``conf/model/smollm2_135m.yaml`` (~20 s)."""
+    from retrobench.models import load_model
+
+    return load_model(model_conf("smollm2_135m"), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2):
+    """The SmolLM2 tokenizer (from the shared model load: a GGUF tokenizer alone takes ~7 s)."""
+    return smollm2[1]

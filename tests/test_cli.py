@@ -1,0 +1,202 @@
+"""End-to-end CLI tests on ``tiny_random``: the result store, skip/overwrite, kill-and-resume, bad input.
+
+Each case starts ``python -m retrobench`` in a subprocess (as a user would), from a temporary
+working directory, offline, with wandb disabled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SMALL = ["model=tiny_random", "task.context_tokens=320", "task.num_queries=2"]
+
+
+def _env(**extra: str | None) -> dict[str, str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    env["PYTHONSAFEPATH"] = "1"
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def _cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "retrobench", *args]
+
+
+def rb(tmp: Path, *args: str, **env: str | None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        _cmd(*args), check=False, cwd=tmp, env=_env(**env), capture_output=True, text=True, timeout=300
+    )
+
+
+def _run_folder(results: Path) -> Path:
+    folders = [p.parent for p in (results / "runs").glob("*/config.yaml")]
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+def _rows(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+
+
+def test_run_writes_store_skips_and_overwrites(tmp_path: Path) -> None:
+    results = tmp_path / "res"
+    args = ["run", *SMALL, "task.num_samples=3", "task.max_new_tokens=8", f"results_dir={results}"]
+    first = rb(tmp_path, *args)
+    assert first.returncode == 0, first.stderr
+    folder = _run_folder(results)
+    assert {p.name for p in folder.iterdir()} == {"config.yaml", "env.json", "samples.jsonl", "metrics.json"}
+    rows = _rows(folder)
+    assert len(rows) == 3 and len({r["id"] for r in rows}) == 3
+    assert {"accuracy", "completion"} <= set(rows[0]["score"]) and rows[0]["new_tokens"] >= 1
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert (
+        metrics["metrics"]["n"] == 3 and metrics["backend"] == "torch" and metrics["model"] == "tiny_random"
+    )
+    for key in (
+        "accuracy",
+        "completion",
+        "attended_kv",
+        "resident_kv",
+        "ttft_p50_s",
+        "tpot_p50_s",
+        "tpot_p90_s",
+    ):
+        assert key in metrics["metrics"], key
+    env = json.loads((folder / "env.json").read_text())
+    assert {"git_sha", "git_dirty", "torch", "transformers", "device", "backend"} <= set(env)
+    assert "tiny_random" in (folder / "config.yaml").read_text()
+    assert not (results / "hydra").exists()  # Hydra's empty log dirs are cleaned up
+
+    stamp = (folder / "metrics.json").stat().st_mtime_ns
+    again = rb(tmp_path, *args)
+    assert again.returncode == 0 and "skip:" in again.stdout
+    assert (folder / "metrics.json").stat().st_mtime_ns == stamp
+
+    forced = rb(tmp_path, *args, "overwrite=true")
+    assert forced.returncode == 0, forced.stderr
+    assert _run_folder(results) == folder  # overwrite is not part of the hash
+    assert (folder / "metrics.json").stat().st_mtime_ns != stamp
+    assert len(_rows(folder)) == 3
+
+
+def test_killed_run_resumes_without_loss_or_duplicates(tmp_path: Path) -> None:
+    results = tmp_path / "res"
+    n = 4
+    args = ["run", *SMALL, f"task.num_samples={n}", "task.max_new_tokens=96", "task.stop=[]"]
+    proc = subprocess.Popen(
+        _cmd(*args, f"results_dir={results}"),
+        cwd=tmp_path,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            files = list((results / "runs").glob("*/samples.jsonl")) if (results / "runs").exists() else []
+            if files and files[0].read_text().count("\n") >= 1:
+                break
+            assert proc.poll() is None, "run ended before it could be killed"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    folder = _run_folder(results)
+    assert not (folder / "metrics.json").exists(), "run finished before the kill; make it longer"
+    killed = len(_rows(folder))
+    assert 1 <= killed < n
+    with open(folder / "samples.jsonl", "a") as f:  # as if killed in the middle of a write
+        f.write('{"id": "synthetic-half-writ')
+
+    resumed = rb(tmp_path, *args, f"results_dir={results}")
+    assert resumed.returncode == 0, resumed.stderr
+    rows = _rows(folder)
+    assert len(rows) == n and len({r["id"] for r in rows}) == n
+    assert json.loads((folder / "metrics.json").read_text())["metrics"]["n"] == n
+    env = json.loads((folder / "env.json").read_text())
+    assert len(env.get("resumes", [])) == 1
+
+
+BAD_INPUTS = {
+    "unknown_method": (["method=nope"], "method=nope", {}),
+    "unknown_model": (["model=nope"], "model=nope", {}),
+    "page_size": (["engine.page_size=12"], "engine.page_size", {}),
+    "triton_without_gpu": (["engine.backend=triton"], "engine.backend", {"TRITON_INTERPRET": None}),
+    "context_too_long": (["task.context_tokens=4000", "task.max_new_tokens=200"], "model.max_context", {}),
+    "missing_model_package": (["model=smollm2_135m", "model.package=not_a_pkg"], "model.package", {}),
+    "unknown_key": (["method.window=3"], "method.window", {}),
+}
+
+
+def test_bad_inputs_fail_with_one_line_and_write_nothing(tmp_path: Path) -> None:
+    procs = {}
+    for name, (overrides, _, env) in BAD_INPUTS.items():  # all at once: each start costs seconds of imports
+        results = tmp_path / name
+        procs[name] = subprocess.Popen(
+            _cmd("run", "model=tiny_random", *overrides, f"results_dir={results}"),
+            cwd=tmp_path,
+            env=_env(**env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=300)
+        key = BAD_INPUTS[name][1]
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert proc.returncode == 2, (name, err)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], (name, err)
+        results = tmp_path / name
+        written = [p for p in results.rglob("*")] if results.exists() else []
+        assert written == [], (name, written)
+
+
+def test_list_help_and_hydra_flags(tmp_path: Path) -> None:
+    listed = rb(tmp_path, "list")
+    assert listed.returncode == 0
+    for word in (
+        "models:",
+        "methods:",
+        "tasks:",
+        "experiments:",
+        "sweeps:",
+        "tiny_random",
+        "full",
+        "synthetic",
+        "smoke",
+    ):
+        assert word in listed.stdout, word
+    usage = rb(tmp_path, "--help")
+    assert usage.returncode == 0 and "python -m retrobench run" in usage.stdout
+    script = Path(sys.executable).parent / "retrobench"
+    if script.exists():
+        console = subprocess.run(
+            [str(script), "--help"], check=False, capture_output=True, text=True, env=_env(), cwd=tmp_path
+        )
+        assert console.returncode == 0 and console.stdout == usage.stdout
+    job = rb(tmp_path, "run", "--cfg", "job", "model=tiny_random", "experiment=smoke")
+    assert job.returncode == 0, job.stderr
+    assert "tiny_random" in job.stdout and "num_samples: 2" in job.stdout
+    assert rb(tmp_path, "nope").returncode == 2
+
+
+@pytest.mark.slow
+def test_smoke_experiment_and_seed_sweep(tmp_path: Path) -> None:
+    results = tmp_path / "res"
+    smoke = rb(tmp_path, "run", "experiment=smoke", f"results_dir={results}")
+    assert smoke.returncode == 0, smoke.stderr
+    sweep = rb(tmp_path, "run", "experiment=smoke", "sweep=seeds", f"results_dir={results}")
+    assert sweep.returncode == 0, sweep.stderr
+    assert len(list((results / "runs").glob("*/metrics.json"))) == 3  # seed 0 was already done
