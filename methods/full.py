@@ -27,7 +27,7 @@ class FullMethod(Method):
         for b in range(q.shape[0]):
             pos = info.positions[b]
             end = int(pos.max()) + 1
-            live = cache.live_mask(b, end)
+            live = cache.live_mask(layer, b, end)
             out, lse = dense_attention_ref(
                 q[b], cache.keys(layer, b, end), cache.values(layer, b, end), pos, info.scaling, key_mask=live
             )
