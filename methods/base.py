@@ -217,18 +217,27 @@ class Method:
         return out
 
 
-def dense_prefill(layer: int, q: torch.Tensor, cache: PagedKVCache, info: StepInfo) -> AttnResult:
-    """Causal attention of ``q [B, H, S, D]`` at ``info.positions`` over every live key of the cache."""
-    outs, lses = [], []
+def attend_live(layer: int, q: torch.Tensor, cache: PagedKVCache, info: StepInfo) -> AttnResult:
+    """Causal attention of ``q [B, H, S, D]`` at ``info.positions`` over every live key of the cache.
+
+    What full attention computes, prefill and decode alike; ``attended [B, S]`` counts the live
+    keys visible to each query.
+    """
+    outs, lses, attended = [], [], []
     for b in range(q.shape[0]):
-        end = int(info.positions[b].max()) + 1
-        k, v = cache.keys(layer, b, end), cache.values(layer, b, end)
+        pos = info.positions[b]
+        end = int(pos.max()) + 1
+        live = cache.live_mask(layer, b, end)
         out, lse = dense_attention_ref(
-            q[b], k, v, info.positions[b], info.scaling, key_mask=cache.live_mask(layer, b, end)
+            q[b], cache.keys(layer, b, end), cache.values(layer, b, end), pos, info.scaling, key_mask=live
         )
         outs.append(out)
         lses.append(lse)
-    return AttnResult(out=torch.stack(outs), lse=torch.stack(lses))
+        attended.append(torch.cumsum(live.to(torch.float32), 0)[pos])
+    return AttnResult(out=torch.stack(outs), lse=torch.stack(lses), attended=torch.stack(attended))
+
+
+dense_prefill = attend_live  # prompt chunks are plain causal attention over the live keys
 
 
 __all__ = [
@@ -239,5 +248,6 @@ __all__ = [
     "ModelSpec",
     "StepInfo",
     "as_budget",
+    "attend_live",
     "dense_prefill",
 ]

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from retrobench.kernels.attention_ref import attention_ref, causal_mask
-from retrobench.methods.base import AttnResult, ConfigError, Method, StepInfo, as_budget, dense_prefill
+from retrobench.methods.base import AttnResult, ConfigError, Method, StepInfo, as_budget, attend_live
 
 SELECTIONS = ("kv_head", "q_head", "layer")
 
@@ -152,4 +152,15 @@ class SelectionMethod(Method):
 
 def dense_decode(layer: int, q: torch.Tensor, cache: Any, info: StepInfo) -> AttnResult:
     """Full attention for dense layers of selecting methods (not counted in budget accounting)."""
-    return dense_prefill(layer, q, cache, info)
+    return attend_live(layer, q, cache, info)
+
+
+def context_lengths(info: StepInfo) -> list[int]:
+    """Per sequence, the positions seen so far including this forward's last token."""
+    return [int(p.max()) + 1 for p in info.positions]
+
+
+def require_no_dense_layers(dense_layers: Any, why: str) -> None:
+    """Eviction methods free KV in every layer, so no layer can stay dense."""
+    if dense_layers != 0:
+        raise ConfigError(f"method.dense_layers must be 0 for this method ({why}), got {dense_layers!r}")

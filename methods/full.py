@@ -12,8 +12,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from retrobench.kernels.attention_ref import dense_attention_ref
-from retrobench.methods.base import AttnResult, Method, StepInfo
+from retrobench.methods.base import AttnResult, Method, StepInfo, attend_live
 
 
 @dataclass
@@ -23,16 +22,4 @@ class FullMethod(Method):
     name: ClassVar[str] = "full"
 
     def decode(self, layer: int, q: torch.Tensor, cache: Any, info: StepInfo, state: Any) -> AttnResult:
-        outs, lses, attended = [], [], []
-        for b in range(q.shape[0]):
-            pos = info.positions[b]
-            end = int(pos.max()) + 1
-            live = cache.live_mask(layer, b, end)
-            out, lse = dense_attention_ref(
-                q[b], cache.keys(layer, b, end), cache.values(layer, b, end), pos, info.scaling, key_mask=live
-            )
-            outs.append(out)
-            lses.append(lse)
-            visible = torch.cumsum(live.to(torch.float32), 0)[pos]  # live keys at or before each query
-            attended.append(visible)
-        return AttnResult(out=torch.stack(outs), lse=torch.stack(lses), attended=torch.stack(attended))
+        return attend_live(layer, q, cache, info)
