@@ -153,6 +153,7 @@ class Method:
     """
 
     name: ClassVar[str] = "base"
+    reports_exposure: ClassVar[bool] = False  # True: end_step reports effective KV exposure itself
     dense_layers: int = 0
 
     def __post_init__(self) -> None:

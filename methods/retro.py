@@ -83,21 +83,22 @@ class RetroMethod(Method):
             ``base_options``.
         window: retrospective window w >= 1 (default 2; 1 is exactly the base method).
         past_query: ``recomputed`` (default) | ``cached``.
-        budget, min_pages, selection, dense_layers: passed to the base method.
+        budget, min_pages, selection, dense_layers: passed to the base method; left unset (null),
+            each takes the base method's own default.
     """
 
     name: ClassVar[str] = "retro"
+    reports_exposure: ClassVar[bool] = True
     base: str = "quest"
     window: int = 2
     past_query: str = "recomputed"
     budget: Any = field(default_factory=lambda: {"fraction": 0.15})
-    min_pages: int = 1
-    selection: str = "kv_head"
-    dense_layers: int = 2
+    min_pages: int | None = None
+    selection: str | None = None
+    dense_layers: int | None = None  # type: ignore[assignment]
     base_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         if not isinstance(self.window, int) or self.window < 1:
             raise ConfigError(f"method.window must be an integer >= 1, got {self.window!r}")
         if self.past_query not in PAST_QUERIES:
@@ -106,11 +107,15 @@ class RetroMethod(Method):
         if self.base not in bases:
             raise ConfigError(f"method.base={self.base!r} is not a selecting method; allowed: {', '.join(sorted(bases))}")
         self.base_options = dict(self.base_options)
+        shared = {"budget": self.budget, "min_pages": self.min_pages, "selection": self.selection,
+                  "dense_layers": self.dense_layers}  # fmt: skip
+        # unset shared settings take the base method's own defaults
         self.selector: SelectionMethod = bases[self.base](
-            budget=self.budget, min_pages=self.min_pages, selection=self.selection,
-            dense_layers=self.dense_layers, **self.base_options,
-        )  # fmt: skip
-        self.budget = self.selector.budget
+            **{k: v for k, v in shared.items() if v is not None}, **self.base_options
+        )
+        self.budget, self.min_pages = self.selector.budget, self.selector.min_pages
+        self.selection, self.dense_layers = self.selector.selection, self.selector.dense_layers
+        super().__post_init__()
 
     @property
     def reprocess_window(self) -> int:

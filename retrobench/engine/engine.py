@@ -180,7 +180,9 @@ class Engine:
         return out.logits[:, -1].float()
 
     def _step_stats(self, request: Request, ctx: ForwardContext) -> dict[str, float]:
-        stats = {"exposure": 1.0, **self.method.end_step(ctx.info, request.cache, request.state)}
+        stats = dict(self.method.end_step(ctx.info, request.cache, request.state))
+        if not self.method.reports_exposure:  # every query sees exactly its own selection
+            stats["exposure"] = 1.0
         stats["context"] = float(ctx.info.positions[:, -1].float().mean() + 1)
         if ctx.attended:  # the current (last) query of each sequence, over sparse layers
             current = torch.stack([a[:, -1] for a in ctx.attended])
