@@ -116,9 +116,11 @@ class SelectionMethod(Method):
 
     # ---- what subclasses implement --------------------------------------------------------------
     def select(
-        self, layer: int, q: torch.Tensor, cache: Any, b: int, end: int, state: Any
+        self, layer: int, q: torch.Tensor, cache: Any, b: int, end: int, state: Any, scaling: float
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Keys for the current query ``q [H, D]`` of sequence ``b`` over positions [0, end).
+
+        ``scaling`` is the model's softmax scale (for methods that rank by attention probabilities).
 
         Returns ``(mask [H_sel, end] bool, pages [H_sel] float or None)``.
         """
@@ -132,7 +134,7 @@ class SelectionMethod(Method):
         for b in range(q.shape[0]):
             pos = info.positions[b]
             end = int(pos.max()) + 1
-            select, n_pages = self.select(layer, q[b, :, -1], cache, b, end, state)
+            select, n_pages = self.select(layer, q[b, :, -1], cache, b, end, state, info.scaling)
             out, lse, att = attend_selection(
                 q[b], cache.keys(layer, b, end), cache.values(layer, b, end), pos, info.scaling, select,
                 cache.live_mask(layer, b, end),

@@ -55,7 +55,6 @@ class InfLLMState:
     reprs: ``(n_init it was built for, [n_blocks, H_kv, D])`` representatives of the formed blocks.
     """
 
-    scaling: float
     score: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     seen: dict[tuple[int, int], int] = field(default_factory=dict)
     reprs: dict[tuple[int, int], tuple[int, torch.Tensor]] = field(default_factory=dict)
@@ -152,7 +151,7 @@ class InfLLMMethod(SelectionMethod):
             raise ConfigError(
                 f"method.block_size={self.block_size} must be a multiple of engine.page_size={spec.page_size}"
             )
-        return InfLLMState(scaling=spec.head_dim**-0.5)
+        return InfLLMState()
 
     # ---- prefill: dense, plus representative scores of the prompt's keys ---------------------------
     def prefill(
@@ -161,7 +160,6 @@ class InfLLMMethod(SelectionMethod):
         result = dense_prefill(layer, q, cache, info)
         if self.is_dense_layer(layer):
             return result
-        state.scaling = info.scaling
         H, H_kv = q.shape[1], cache.num_kv_heads
         for b in range(q.shape[0]):
             key = (layer, b)
@@ -182,12 +180,6 @@ class InfLLMMethod(SelectionMethod):
             state.add(key, lo, probs.view(H_kv, H // H_kv, -1).sum(dim=1).transpose(0, 1))
             state.seen[key] = end - 1
         return result
-
-    def decode(
-        self, layer: int, q: torch.Tensor, cache: Any, info: StepInfo, state: InfLLMState
-    ) -> AttnResult:
-        state.scaling = info.scaling
-        return super().decode(layer, q, cache, info, state)
 
     # ---- selection --------------------------------------------------------------------------------
     def representatives(
@@ -216,7 +208,7 @@ class InfLLMMethod(SelectionMethod):
         return reduce_head_scores(per_head, self.selection, cache.num_kv_heads)
 
     def select(
-        self, layer: int, q: torch.Tensor, cache: Any, b: int, end: int, state: InfLLMState
+        self, layer: int, q: torch.Tensor, cache: Any, b: int, end: int, state: InfLLMState, scaling: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sinks + local window + remainder + top-k blocks for ``q [H, D]``; records the local scores."""
         P, bs = cache.page_size, self.block_size
@@ -234,7 +226,7 @@ class InfLLMMethod(SelectionMethod):
                     blocks = torch.zeros(H_sel, nb, dtype=torch.bool, device=q.device)
                     blocks.scatter_(1, chosen, True)
                     mask[:, n_init:first_rem] = blocks.repeat_interleave(bs, dim=1)
-        self._record(layer, q, cache, b, end, state, mask, n_local)
+        self._record(layer, q, cache, b, end, state, mask, n_local, scaling)
         return mask, mask.sum(dim=-1).float() / P
 
     def _record(
@@ -247,6 +239,7 @@ class InfLLMMethod(SelectionMethod):
         state: InfLLMState,
         mask: torch.Tensor,
         n_local: int,
+        scaling: float,
     ) -> None:
         """Add the current query's probabilities (softmax over its selection) to its local-window keys."""
         key, n_local = (layer, b), min(n_local, end)
@@ -255,7 +248,7 @@ class InfLLMMethod(SelectionMethod):
         H, H_kv = q.shape[0], cache.num_kv_heads
         G = H // H_kv
         k = cache.keys(layer, b, end).float().repeat_interleave(G, dim=1)  # [end, H, D]
-        logits = torch.einsum("hd,thd->ht", q.float(), k) * state.scaling
+        logits = torch.einsum("hd,thd->ht", q.float(), k) * scaling
         m = mask.expand(H, -1) if mask.shape[0] == 1 else mask.repeat_interleave(H // mask.shape[0], dim=0)
         m = m & cache.live_mask(layer, b, end)
         lse = torch.logsumexp(logits.masked_fill(~m, float("-inf")), dim=-1, keepdim=True)

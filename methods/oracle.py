@@ -42,11 +42,11 @@ class OracleMethod(SelectionMethod):
             )
 
     def select(
-        self, layer: int, q: torch.Tensor, cache: Any, b: int, end: int, state: Any
+        self, layer: int, q: torch.Tensor, cache: Any, b: int, end: int, state: Any, scaling: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         P = cache.page_size
         live = cache.live_mask(layer, b, end)
-        probs = attention_probs(q, cache.keys(layer, b, end), self._scaling(q), live)  # [H, T]
+        probs = attention_probs(q, cache.keys(layer, b, end), scaling, live)  # [H, T]
         mass = reduce_head_scores(probs, self.selection, cache.num_kv_heads)  # [H_sel, T]
         if self.granularity == "page":
             n = cache.num_pages(b, end)
@@ -58,8 +58,3 @@ class OracleMethod(SelectionMethod):
         k = max(self.budget.budget_tokens(end), self.min_pages * P)
         select = topk_with_forced(mass, k, forced=end - 1)
         return select, select.sum(dim=-1).float() / P
-
-    @staticmethod
-    def _scaling(q: torch.Tensor) -> float:
-        """The engine's softmax scale for Llama-family models (1/sqrt(D))."""
-        return q.shape[-1] ** -0.5

@@ -46,7 +46,7 @@ class QuestMethod(SelectionMethod):
         return quest_page_scores(q, kmin, kmax)
 
     def select(
-        self, layer: int, q: torch.Tensor, cache: Any, b: int, end: int, state: Any
+        self, layer: int, q: torch.Tensor, cache: Any, b: int, end: int, state: Any, scaling: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         P = cache.page_size
         scores = reduce_head_scores(self.page_scores(layer, q, cache, b, end, state), self.selection, cache.num_kv_heads)

@@ -157,7 +157,7 @@ class RetroMethod(Method):
         end = int(pos[-1]) + 1
         keys, values = cache.keys(layer, b, end), cache.values(layer, b, end)
         live = cache.live_mask(layer, b, end)
-        select, n_pages = self.selector.select(layer, q[:, -1], cache, b, end, state.base)
+        select, n_pages = self.selector.select(layer, q[:, -1], cache, b, end, state.base, info.scaling)
         out_t, lse_t, att_t = attend_selection(q[:, -1:], keys, values, pos[-1:], info.scaling, select, live)
         A = state.last_loaded[layer, b, :, :end]  # [H_sel, end]
         entries = state.outputs[layer][b]

@@ -174,3 +174,16 @@ def test_bad_engine_settings(tiny_random):
         Engine(model, FullMethod(), backend="cuda-magic")
     with pytest.raises(ConfigError, match="context"):
         Engine(model, FullMethod()).generate([1, 2, 3], model.config.max_position_embeddings)
+
+
+def test_probe_full_is_exact_and_tight_quest_is_not(tiny_random):
+    from retrobench.methods.quest import QuestMethod
+
+    model, tok = tiny_random
+    ids = prompt_of(tok, model, 300, seed=7)
+    full = Engine(model, FullMethod(), probe_every=1).generate(ids, 12)
+    assert abs(full.stats["mass_recall"] - 1.0) < 1e-5 and full.stats["attn_out_rel_err"] < 1e-5
+    assert len(full.probes) == 11 and set(full.probes[0]["recall"]) == set(range(model.config.num_hidden_layers))
+    quest = Engine(model, QuestMethod(budget={"tokens": 32}), probe_every=2).generate(ids, 12)
+    assert 0.0 < quest.stats["mass_recall"] < 0.999 and quest.stats["attn_out_rel_err"] > 1e-3
+    assert len(quest.probes) == 6 and set(quest.probes[0]["recall"]) == set(range(2, model.config.num_hidden_layers))

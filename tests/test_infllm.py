@@ -71,7 +71,7 @@ def test_attended_within_bound_every_step(tiny_random, budget, selection):
         assert bound <= budget_tokens + method.block_size - 1
         for layer in range(1, model.config.num_hidden_layers):  # select directly too (idempotent)
             q = torch.randn(model.config.num_attention_heads, model.config.hidden_size // 4)
-            mask, pages = method.select(layer, q, request.cache, 0, context, request.state)
+            mask, pages = method.select(layer, q, request.cache, 0, context, request.state, engine.scaling)
             assert int(mask.sum(dim=-1).max()) <= bound
             torch.testing.assert_close(pages, mask.sum(dim=-1).float() / P)
 
@@ -99,7 +99,7 @@ def test_decode_scores_use_the_selection_softmax_once():
     cache, q = synthetic(T, seed=1)
     method = InfLLMMethod(budget={"tokens": 100}, block_size=16, dense_layers=0)
     state = fresh_state(method)
-    mask, _ = method.select(0, q[0, :, -1], cache, 0, T, state)
+    mask, _ = method.select(0, q[0, :, -1], cache, 0, T, state, D**-0.5)
     n_local = method.split(T, P)[2]
     keys = cache.keys(0, 0, T).repeat_interleave(G, dim=1)
     logits = torch.einsum("hd,thd->ht", q[0, :, -1], keys) * D**-0.5
@@ -107,7 +107,7 @@ def test_decode_scores_use_the_selection_softmax_once():
     want = torch.zeros(T, H_KV)
     want[T - n_local :] = probs[:, T - n_local :].view(H_KV, G, -1).sum(dim=1).T
     torch.testing.assert_close(state.scores((0, 0), T, H_KV, "cpu"), want)
-    method.select(0, q[0, :, -1], cache, 0, T, state)  # the same query again adds nothing
+    method.select(0, q[0, :, -1], cache, 0, T, state, D**-0.5)  # the same query again adds nothing
     torch.testing.assert_close(state.scores((0, 0), T, H_KV, "cpu"), want)
 
 
@@ -142,7 +142,7 @@ def test_representatives_and_blocks_equal_brute_force(selection):
     qv = q[0, :, -1]
     per_head = torch.einsum("hd,nhd->hn", qv, reprs.repeat_interleave(G, dim=1))  # [H, nb]
     grouped = per_head.sum(0, keepdim=True) if selection == "layer" else per_head.view(H_KV, G, nb).sum(1)
-    mask, pages = method.select(0, qv, cache, 0, T, state)
+    mask, pages = method.select(0, qv, cache, 0, T, state, D**-0.5)
     assert mask.shape == (grouped.shape[0], T)
     for h in range(grouped.shape[0]):
         best = set(sorted(range(nb), key=lambda j: -float(grouped[h, j]))[:topk])

@@ -69,8 +69,8 @@ class RecordingQuest(QuestMethod):
     name: ClassVar[str] = "quest"
     log: list = field(default_factory=list)
 
-    def select(self, layer, q, cache, b, end, state):
-        mask, pages = super().select(layer, q, cache, b, end, state)
+    def select(self, layer, q, cache, b, end, state, scaling):
+        mask, pages = super().select(layer, q, cache, b, end, state, scaling)
         self.log.append((layer, mask.clone()))
         return mask, pages
 

@@ -65,7 +65,7 @@ def test_oracle_selects_brute_force_top_k(selection, granularity):
     q = torch.randn(H_kv * G, D, generator=gen)
     cache = _cache_with_keys(keys, P)
     method = OracleMethod(budget={"tokens": 12}, selection=selection, granularity=granularity)
-    select, _ = method.select(0, q, cache, 0, T, None)
+    select, _ = method.select(0, q, cache, 0, T, None, D**-0.5)
     probs = _brute_mass(q, keys, D**-0.5)
     groups = {"kv_head": [list(range(g * G, (g + 1) * G)) for g in range(H_kv)], "q_head": [[h] for h in range(H_kv * G)],
               "layer": [list(range(H_kv * G))]}[selection]  # fmt: skip
@@ -89,7 +89,7 @@ def test_quest_selects_top_pages_plus_current():
     q = torch.randn(H_kv * G, D, generator=gen)
     cache = _cache_with_keys(keys, P)
     method = QuestMethod(budget={"tokens": 24})  # 3 pages incl. the current one
-    select, pages = method.select(0, q, cache, 0, T, None)
+    select, pages = method.select(0, q, cache, 0, T, None, D**-0.5)
     kmin, kmax = cache.page_meta(0, 0)
     scores = quest_page_scores(q, kmin, kmax).view(H_kv, G, -1).sum(dim=1)
     for h in range(H_kv):

@@ -55,6 +55,8 @@ class PagedKVCache:
             num_layers, batch_size, self.pages_per_seq * page_size, dtype=torch.bool, device=device
         )
         self._contiguous = True
+        self._slot_offsets = torch.arange(page_size, device=device)
+        self._inf = torch.tensor(float("inf"), dtype=dtype, device=device)
 
     # ---- bookkeeping ---------------------------------------------------------------------
     def _rows(self, positions: torch.Tensor, seqs: torch.Tensor | None) -> list[int]:
@@ -101,20 +103,21 @@ class PagedKVCache:
             slot = pos % P
             self.k[layer, phys, slot] = k[i].transpose(0, 1).to(self.k.dtype)
             self.v[layer, phys, slot] = v[i].transpose(0, 1).to(self.v.dtype)
-            self._refresh_meta(layer, b, torch.unique(pos // P))
+            if pos.numel() == 1:  # decode: one page, no sort
+                self._refresh_meta(layer, b, pos // P)
+            else:
+                self._refresh_meta(layer, b, torch.unique(pos // P))
 
     def _refresh_meta(self, layer: int, b: int, logical_pages: torch.Tensor) -> None:
         """Recompute kmin/kmax of ``logical_pages`` of sequence ``b`` from the live slots (exact)."""
         P = self.page_size
         phys = self.page_table[b, logical_pages]
         keys = self.k[layer, phys]  # [n, P, H_kv, D]
-        slots = logical_pages.unsqueeze(1) * P + torch.arange(P, device=keys.device)  # [n, P]
-        live = self.live[layer, b].gather(0, slots.reshape(-1)).view_as(slots)
-        live = live & (slots < self.lengths[b])
+        slots = logical_pages.unsqueeze(1) * P + self._slot_offsets  # [n, P]
+        live = self.live[layer, b][slots] & (slots < self.lengths[b])
         mask = live[:, :, None, None]
-        inf = torch.tensor(float("inf"), dtype=keys.dtype, device=keys.device)
-        self.kmin[layer, phys] = torch.where(mask, keys, inf).amin(dim=1)
-        self.kmax[layer, phys] = torch.where(mask, keys, -inf).amax(dim=1)
+        self.kmin[layer, phys] = torch.where(mask, keys, self._inf).amin(dim=1)
+        self.kmax[layer, phys] = torch.where(mask, keys, -self._inf).amax(dim=1)
 
     # ---- reads --------------------------------------------------------------------------------
     def num_pages(self, b: int, end: int | None = None) -> int:

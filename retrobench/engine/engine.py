@@ -49,8 +49,9 @@ class Generation:
 
     tokens: generated (or teacher-forced) token ids, EOS included when it ended generation.
     logits: ``[N, V]`` fp32 logits that predicted each of the N tokens (only with ``keep_logits``).
-    stats: means over decode steps (attended_kv, resident_kv, pages_selected, method extras) plus
-        kv_bytes and peak memory.
+    stats: means over decode steps (attended_kv, resident_kv, pages_selected, exposure, method
+        extras, and with ``probe_every`` mass_recall / attn_out_rel_err) plus kv_bytes and peak memory.
+    probes: with ``probe_every``, per probed step the per-layer mass recall and output error.
     """
 
     tokens: list[int]
@@ -60,6 +61,7 @@ class Generation:
     step_times_s: list[float]
     stats: dict[str, float]
     logits: torch.Tensor | None = None
+    probes: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -69,6 +71,7 @@ class Request:
     cache: PagedKVCache
     state: Any
     step_stats: list[dict[str, float]] = field(default_factory=list)
+    probes: list[dict[str, Any]] = field(default_factory=list)  # per probed step: per-layer fidelity
 
 
 def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
@@ -99,6 +102,8 @@ class Engine:
     page_size: P, a power of two.
     prefill_chunk: prompt tokens per dense prefill forward.
     backend: ``torch`` (the reference path).
+    probe_every: every k-th decode step, compare each sparse layer's attention for the current
+        query with dense attention (mass recall, output error; costs a dense read); 0 = never.
     """
 
     def __init__(
@@ -108,6 +113,7 @@ class Engine:
         page_size: int = 16,
         prefill_chunk: int = 512,
         backend: str = "torch",
+        probe_every: int = 0,
     ) -> None:
         if not isinstance(page_size, int) or page_size < 1 or page_size & (page_size - 1):
             raise ConfigError(f"engine.page_size must be a power of two (1, 2, 4, ..., 16, ...), got {page_size!r}")
@@ -120,6 +126,7 @@ class Engine:
         self.page_size = page_size
         self.prefill_chunk = prefill_chunk
         self.backend = backend
+        self.probe_every = probe_every
         self._impl = register()
         cfg = model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -170,7 +177,8 @@ class Engine:
         """Run ``input_ids [B, S]`` at ``positions [B, S]``; returns the last token's logits ``[B, V]``."""
         info = StepInfo(phase=phase, positions=positions, step=step, scaling=self.scaling, last_chunk=last_chunk)
         request.cache.reserve(positions)
-        ctx = ForwardContext(cache=request.cache, method=self.method, state=request.state, info=info)
+        probe = phase == "decode" and self.probe_every > 0 and step % self.probe_every == 0
+        ctx = ForwardContext(cache=request.cache, method=self.method, state=request.state, info=info, probe=probe)
         with self._our_attention():
             out = self.model(
                 input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=1, rb=ctx
@@ -191,6 +199,11 @@ class Engine:
         if ctx.pages:
             stats["pages_selected"] = float(torch.stack([p[:, -1] for p in ctx.pages]).mean())
         stats["resident_kv"] = float(self.method.resident_tokens(request.cache, request.state).float().mean())
+        if ctx.recall:
+            stats["mass_recall"] = float(torch.stack(list(ctx.recall.values())).mean())
+            stats["attn_out_rel_err"] = float(torch.stack(list(ctx.out_error.values())).mean())
+            request.probes.append({"step": ctx.info.step, "recall": {k: float(v.mean()) for k, v in ctx.recall.items()},
+                                   "out_error": {k: float(v.mean()) for k, v in ctx.out_error.items()}})  # fmt: skip
         return stats
 
     def prefill(self, request: Request, prompt_ids: torch.Tensor) -> torch.Tensor:
@@ -282,6 +295,7 @@ class Engine:
             step_times_s=step_times,
             stats=self._summarize(request),
             logits=torch.stack(kept) if keep_logits else None,
+            probes=request.probes,
         )
 
     def _summarize(self, request: Request) -> dict[str, float]:

@@ -20,6 +20,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from retrobench.engine.cache import PagedKVCache
+from retrobench.kernels.attention_ref import dense_attention_ref
 from retrobench.methods.base import Method, StepInfo
 
 ATTN_IMPLEMENTATION = "retrobench"
@@ -33,9 +34,13 @@ class ForwardContext:
     method: Method
     state: Any
     info: StepInfo
+    probe: bool = False  # compare the current query's attention with dense attention this step
     # Filled by the hook: per sparse layer (layer >= dense_layers), the accounting tensors.
     attended: list[torch.Tensor] = field(default_factory=list)
     pages: list[torch.Tensor] = field(default_factory=list)
+    # With ``probe``: per sparse layer, [B] mass recall and [B] attention-output relative error.
+    recall: dict[int, torch.Tensor] = field(default_factory=dict)
+    out_error: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 def retrobench_attention(
@@ -63,7 +68,30 @@ def retrobench_attention(
                 rb.attended.append(result.attended)
             if result.pages is not None:
                 rb.pages.append(result.pages)
+            if rb.probe:
+                rb.recall[layer], rb.out_error[layer] = probe_dense(layer, query, result, rb)
     return result.out.transpose(1, 2).contiguous(), None
+
+
+def probe_dense(layer: int, query: torch.Tensor, result: Any, rb: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fidelity of the current query's attention against dense attention over every key written so far.
+
+    Mass recall = the share of the dense softmax mass inside what the method attended, which is
+    ``exp(lse_method - lse_dense)`` (the method's LSE covers a subset of the dense keys), averaged
+    over heads; output error = ``||o_method - o_dense|| / ||o_dense||`` over heads and channels.
+    Evicted keys count as keys of the dense reference (the reference cache keeps their values).
+    Returns two ``[B]`` tensors.
+    """
+    recalls, errors = [], []
+    for b in range(query.shape[0]):
+        pos = rb.info.positions[b, -1:]
+        end = int(pos) + 1
+        k, v = rb.cache.keys(layer, b, end), rb.cache.values(layer, b, end)
+        dense_out, dense_lse = dense_attention_ref(query[b, :, -1:], k, v, pos, rb.info.scaling)
+        recalls.append(torch.exp(result.lse[b, :, -1] - dense_lse[:, 0]).mean())
+        diff = result.out[b, :, -1].float() - dense_out[:, 0].float()
+        errors.append(diff.norm() / dense_out[:, 0].float().norm().clamp_min(1e-30))
+    return torch.stack(recalls), torch.stack(errors)
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
