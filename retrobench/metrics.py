@@ -4,6 +4,12 @@ Every aggregate the harness reports is computed here, from the per-sample rows t
 ``samples.jsonl`` holds, so a resumed run's ``metrics.json`` is computed exactly as an
 uninterrupted one's (DESIGN.md "Metrics"). Latency percentiles pool every decode step of every
 sample (time per output token); the other metrics are means over samples.
+
+Every aggregate comes with n, mean, std and a percentile-bootstrap 95% CI
+(:func:`summarize`, :func:`bootstrap_ci`); method comparisons are paired on the same sample ids
+(:func:`paired_difference`, :func:`paired_metric`). The logit-level fidelity measures shared by
+the fidelity task and the studies (:func:`kl_per_position`, :func:`agreement`) live here too, so
+there is one definition of "KL(full || method)" in the code base.
 """
 
 from __future__ import annotations
@@ -42,11 +48,13 @@ def summarize(values: Iterable[Any]) -> dict[str, float]:
 
 
 def bootstrap_ci(
-    values: Iterable[Any], n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
+    values: Iterable[Any], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
 ) -> tuple[float, float]:
     """Percentile bootstrap ``(low, high)`` confidence interval of the mean (``1 - alpha`` coverage).
 
-    Deterministic for a given ``seed``. Returns ``(nan, nan)`` for no values and ``(x, x)`` for one.
+    Non-finite values and None are dropped. Deterministic for a given ``seed``. Returns
+    ``(nan, nan)`` for no values and ``(x, x)`` for one. Resamples are drawn in blocks, so memory
+    stays bounded for long inputs (e.g. every decode step of a run).
     """
     arr = _finite(values)
     if arr.size == 0:
@@ -54,10 +62,94 @@ def bootstrap_ci(
     if arr.size == 1:
         return (float(arr[0]), float(arr[0]))
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, arr.size, size=(n_boot, arr.size))
-    means = arr[idx].mean(axis=1)
+    block = max(1, min(n_boot, (1 << 22) // arr.size))
+    means = np.concatenate([
+        arr[rng.integers(0, arr.size, size=(min(block, n_boot - start), arr.size))].mean(axis=1)
+        for start in range(0, n_boot, block)
+    ])  # fmt: skip
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return (float(low), float(high))
+
+
+def paired_difference(
+    a: Mapping[Any, Any],
+    b: Mapping[Any, Any],
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Statistics of ``a[id] - b[id]`` over the ids present in both with finite values.
+
+    Returns ``{"n", "mean", "std", "ci_low", "ci_high"}`` (std with ddof=1, 0 for n=1; NaN when
+    no id is shared). The CI is the percentile bootstrap of the mean difference, so a CI that
+    excludes 0 means the methods differ on these samples at level ``alpha``.
+    """
+    diffs = []
+    for key in sorted(set(a) & set(b), key=str):
+        x, y = a[key], b[key]
+        if x is None or y is None:
+            continue
+        d = float(x) - float(y)
+        if math.isfinite(d):
+            diffs.append(d)
+    s = summarize(diffs)
+    low, high = bootstrap_ci(diffs, n_boot=n_boot, alpha=alpha, seed=seed)
+    return {"n": s["n"], "mean": s["mean"], "std": s["std"], "ci_low": low, "ci_high": high}
+
+
+def paired_metric(
+    rows_a: Sequence[Mapping[str, Any]], rows_b: Sequence[Mapping[str, Any]], key: str, **kwargs: Any
+) -> dict[str, float]:
+    """:func:`paired_difference` of ``score[key]`` between two runs' rows (``samples.jsonl``), by id."""
+
+    def by_id(rows: Sequence[Mapping[str, Any]]) -> dict[Any, Any]:
+        return {r["id"]: (r.get("score") or {}).get(key) for r in rows}
+
+    return paired_difference(by_id(rows_a), by_id(rows_b), **kwargs)
+
+
+# ---- logit-level fidelity ----------------------------------------------------------------------------
+
+
+def kl_per_position(full: Any, other: Any, chunk: int = 256) -> Any:
+    """``KL(full || other)`` in nats per row of ``[N, V]`` logits, in float64 (``[N]`` tensor).
+
+    Rows are processed in chunks so that an ``N x V`` float64 copy never exists at once.
+    """
+    import torch
+
+    full, other = torch.as_tensor(full), torch.as_tensor(other)
+    if full.shape != other.shape:
+        raise ValueError(f"logits shapes differ: {tuple(full.shape)} vs {tuple(other.shape)}")
+    out = []
+    for start in range(0, full.shape[0], chunk):
+        lp = torch.log_softmax(full[start : start + chunk].double(), -1)
+        lq = torch.log_softmax(other[start : start + chunk].to(lp.device).double(), -1)
+        out.append((lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def agreement(full: Any, other: Any) -> tuple[float, float]:
+    """Top-1 agreement and mean KL(full || other) of ``[N, V]`` logits (float64 softmax)."""
+    import torch
+
+    full, other = torch.as_tensor(full), torch.as_tensor(other)
+    top1 = float((full.argmax(-1) == other.argmax(-1).to(full.device)).double().mean())
+    return top1, float(kl_per_position(full, other).mean())
+
+
+def token_nll(logits: Any, targets: Any, chunk: int = 256) -> Any:
+    """Negative log-likelihood in nats of ``targets [N]`` under ``logits [N, V]`` (float64 ``[N]``)."""
+    import torch
+
+    logits = torch.as_tensor(logits)
+    targets = torch.as_tensor(targets, dtype=torch.long)
+    out = []
+    for start in range(0, logits.shape[0], chunk):
+        lp = torch.log_softmax(logits[start : start + chunk].double(), -1)
+        t = targets[start : start + chunk].to(lp.device)
+        out.append(-lp.gather(-1, t[:, None])[:, 0].cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 def _mean(values: Sequence[Any]) -> float:
@@ -71,7 +163,9 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     Returns
     -------
     ``{"metrics": {name: float}, "summaries": {name: summarize(...) + ci_low/ci_high}}`` where
-    ``metrics`` holds n, accuracy, completion, attended_kv, resident_kv, pages_selected,
+    ``metrics`` holds n, accuracy and completion (null when the task does not score them, e.g.
+    ppl), the mean of every other numeric per-sample score key (ppl's ``nll_bucket_<i>``,
+    fidelity's ``kl_full_method``...), attended_kv, resident_kv, pages_selected,
     exposure, ttft_p50_s, tpot_p10_s / tpot_p50_s / tpot_p90_s (over all decode steps),
     tokens_per_s (decode), new_tokens, peak_memory_bytes and kv_bytes (max over samples) and
     wall_time_s (sum of per-sample wall times, so resumed runs add up).
@@ -85,8 +179,10 @@ def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     steps = [t for r in rows for t in r.get("step_times_s", [])]
 
     metrics: dict[str, float] = {"n": float(len(rows))}
-    for key in ("accuracy", "completion", *[k for k in score_keys if k not in ("accuracy", "completion")]):
-        if key in per_sample:
+    for key in ("accuracy", "completion"):  # always reported; null when the task has no such score
+        metrics[key] = _mean(per_sample.get(key, []))
+    for key in score_keys:
+        if key not in metrics:
             metrics[key] = _mean(per_sample[key])
     for key in STAT_KEYS:
         metrics[key] = _mean(per_sample[key])
@@ -126,4 +222,14 @@ def _clean(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-__all__ = ["STAT_KEYS", "aggregate", "bootstrap_ci", "summarize"]
+__all__ = [
+    "STAT_KEYS",
+    "aggregate",
+    "agreement",
+    "bootstrap_ci",
+    "kl_per_position",
+    "paired_difference",
+    "paired_metric",
+    "summarize",
+    "token_nll",
+]

@@ -7,13 +7,15 @@ loaded and the run folder created. A bad setting therefore costs no model load a
 nothing to the result store; it prints one line ``error: <key> ...`` and exits with code 2.
 
 The run itself loops over the task's samples, skipping those already in ``samples.jsonl``
-(resume after a kill), appends one fsync'ed JSON line per sample, and writes ``metrics.json``
-when every sample is done (see :mod:`retrobench.results` and :mod:`retrobench.metrics`).
+(resume after a kill), runs each in the task's mode (generate, teacher-forced perplexity or
+fidelity to full attention: :mod:`retrobench.modes`; full-attention references are cached in
+``<results_dir>/reference/``), appends one fsync'ed JSON line per sample, and writes
+``metrics.json`` when every sample is done (see :mod:`retrobench.results` and
+:mod:`retrobench.metrics`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
 import shutil
 import sys
@@ -24,7 +26,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from retrobench import results
-from retrobench.metrics import aggregate, summarize
+from retrobench.metrics import aggregate
+from retrobench.modes import RunContext, encode_prompt, run_sample, sample_seed
+from retrobench.reference import ReferenceStore
 from retrobench.validation import RunConfigError, fail, validate
 
 # ---- the run -----------------------------------------------------------------------------------------
@@ -38,21 +42,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def sample_seed(seed: int, sample_id: str) -> int:
-    """Sampling seed of one sample: a function of (run seed, sample id), so resumes reproduce it."""
-    return int(hashlib.sha256(f"{seed}:{sample_id}".encode()).hexdigest()[:8], 16)
-
-
-def encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
-    """Token ids of a prompt, wrapped in the model's chat template when asked and available."""
-    if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return list(tokenizer.encode(text, add_special_tokens=False))
-    return list(tokenizer.encode(prompt))
 
 
 class _Progress:
@@ -120,6 +109,22 @@ def _remove_empty(folder: Path | None, stop: Path) -> None:
         folder = folder.parent
 
 
+def check_prompt_lengths(task: Any, samples: list[Any], tokenizer: Any, max_context: int) -> None:
+    """Fail before any run folder exists when a prompt plus its generation exceeds the model's context."""
+    from retrobench.tasks.base import TaskConfigError
+
+    for sample in samples:
+        if "prompt_ids" in sample.meta:  # teacher-forced samples carry their tokens
+            need = len(sample.meta["prompt_ids"]) + len(sample.meta.get("target_ids", ()))
+        else:
+            need = len(encode_prompt(tokenizer, sample.prompt, bool(task.chat_template))) + int(task.max_new_tokens)
+        if need > max_context:
+            raise TaskConfigError(
+                f"sample {sample.id}: prompt + task.max_new_tokens = {need} tokens exceeds model.max_context = "
+                f"{max_context}; shorten the task (e.g. task.num_questions, task.context_tokens) or task.max_new_tokens"
+            )
+
+
 def main(cfg: DictConfig) -> None:
     """Hydra task function (see :mod:`retrobench.cli`)."""
     hydra_dir = _hydra_output_dir()
@@ -143,7 +148,7 @@ def execute(cfg: DictConfig) -> Path | None:
         print(f"skip: {folder} is finished (metrics.json exists); overwrite=true reruns it", flush=True)
         return folder
 
-    from retrobench.engine import Engine, Sampling
+    from retrobench.engine import Engine
     from retrobench.models import ModelConfigError, eos_token_ids, load_model
 
     seed = int(cfg.seed)
@@ -156,8 +161,10 @@ def execute(cfg: DictConfig) -> Path | None:
             page_size=int(cfg.engine.page_size),
             prefill_chunk=int(cfg.engine.prefill_chunk),
             backend=str(cfg.engine.backend),
+            probe_every=int(getattr(task, "probe_every", 0) or 0),
         )
         samples = task.samples(tokenizer, seed)
+        check_prompt_lengths(task, samples, tokenizer, int(cfg.model.get("max_context") or engine.max_context))
     except (ConfigError, TaskConfigError, ModelConfigError) as exc:
         fail(str(exc))
 
@@ -171,29 +178,23 @@ def execute(cfg: DictConfig) -> Path | None:
     todo = [(i, s) for i, s in enumerate(samples) if s.id not in done]
     wandb_run = _wandb_start(cfg, folder) if cfg.logger.get("name") == "wandb" else None
 
-    eos = eos_token_ids(model, tokenizer)
+    ctx = RunContext(
+        model=model,
+        tokenizer=tokenizer,
+        engine=engine,
+        task=task,
+        store=ReferenceStore(str(cfg.results_dir)),
+        model_identity=OmegaConf.to_container(cfg.model, resolve=True),  # type: ignore[arg-type]
+        eos=eos_token_ids(model, tokenizer),
+        temperature=float(cfg.engine.temperature),
+        top_p=float(cfg.engine.top_p),
+    )
     progress = _Progress(len(samples), len(samples) - len(todo), f"{method.name}/{task.name}")
     try:
         for index, sample in todo:
             progress.begin()
             started = time.perf_counter()
-            prompt_ids = encode_prompt(tokenizer, sample.prompt, bool(task.chat_template))
-            sampling = Sampling(
-                temperature=float(cfg.engine.temperature),
-                top_p=float(cfg.engine.top_p),
-                seed=sample_seed(seed, sample.id),
-            )
-            gen = engine.generate(
-                prompt_ids,
-                int(task.max_new_tokens),
-                sampling=sampling,
-                eos_token_ids=eos,
-                stop_strings=tuple(task.stop),
-                decode=tokenizer.decode,
-                on_token=progress.on_token,
-            )
-            text = tokenizer.decode(gen.tokens, skip_special_tokens=True)
-            score = task.score(sample, text)
+            part = run_sample(ctx, sample, seed, progress.on_token)
             row = {
                 "id": sample.id,
                 "index": index,
@@ -203,24 +204,14 @@ def execute(cfg: DictConfig) -> Path | None:
                 "task_version": task.version,
                 "model": cfg.model.get("name"),
                 "backend": engine.backend,
-                "prompt_tokens": len(prompt_ids),
-                "new_tokens": len(gen.tokens),
-                "finish_reason": gen.finish_reason,
-                "output": text,
-                "reference": sample.reference,
-                "score": score,
-                "ttft_s": gen.ttft_s,
-                "tpot_s": {
-                    k: v for k, v in summarize(gen.step_times_s).items() if k in ("mean", "p50", "p90")
-                },
-                "step_times_s": [round(t, 7) for t in gen.step_times_s],
-                "stats": gen.stats,
+                **part,
                 "wall_s": time.perf_counter() - started,
             }
+            score = row["score"]
             results.append_sample(samples_path, row)
             if wandb_run is not None:
                 wandb_run.log({f"sample/{k}": v for k, v in score.items() if isinstance(v, (int, float))})
-            progress.finish_sample(len(gen.tokens), sum(gen.step_times_s))
+            progress.finish_sample(int(row["new_tokens"]), sum(row["step_times_s"]))
     except ConfigError as exc:  # e.g. a prompt longer than the engine's limit; finished samples stay
         progress.close()
         fail(str(exc))
@@ -252,7 +243,12 @@ def execute(cfg: DictConfig) -> Path | None:
     if wandb_run is not None:
         wandb_run.summary.update({k: v for k, v in summary["metrics"].items() if v is not None})
         wandb_run.finish()
-    shown = {k: summary["metrics"].get(k) for k in ("n", "accuracy", "completion", "tpot_p50_s")}
+    headline = {
+        "teacher_forced": ("nll", "ppl", "ppl_ratio"),
+        "fidelity": ("top1_agreement", "kl_full_method"),
+    }
+    keys = ("n", *headline.get(getattr(task, "mode", "generate"), ("accuracy", "completion")), "tpot_p50_s")
+    shown = {k: summary["metrics"].get(k) for k in keys}
     print(
         f"done: {folder} "
         + " ".join(f"{k}={v:.4g}" if v is not None else f"{k}=n/a" for k, v in shown.items())
@@ -279,4 +275,4 @@ def _wandb_start(cfg: DictConfig, folder: Path) -> Any:
     )
 
 
-__all__ = ["RunConfigError", "execute", "main", "validate"]
+__all__ = ["RunConfigError", "encode_prompt", "execute", "main", "sample_seed", "validate"]

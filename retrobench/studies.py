@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from retrobench.engine import Engine
+from retrobench.metrics import agreement
 from retrobench.models import load_model
 from retrobench.results import environment
 from retrobench.texts import provenance, stdlib_tokens
@@ -84,14 +84,6 @@ def study_mass(args: argparse.Namespace) -> None:
     cols = ["method", "budget_fraction", "mass_recall", "attn_out_rel_err", "attended_kv", "resident_kv", "wall_s"]
     title = _header(args, f"Dense attention mass captured by each method ({args.steps} teacher-forced tokens)")
     write_table(Path(args.out), "mass_recall", rows, cols, title)
-
-
-def agreement(full: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
-    """Top-1 agreement and mean KL(full || other) of ``[N, V]`` logits."""
-    top1 = float((full.argmax(-1) == other.argmax(-1)).float().mean())
-    lp, lq = torch.log_softmax(full.double(), -1), torch.log_softmax(other.double(), -1)
-    kl = float((lp.exp() * (lp - lq)).sum(-1).mean())
-    return top1, kl
 
 
 def study_retro(args: argparse.Namespace) -> None:

@@ -48,6 +48,7 @@ class Task:
 
     name: ClassVar[str] = "base"
     version: ClassVar[str] = "0"
+    mode: ClassVar[str] = "generate"  # how the run layer drives it: generate | teacher_forced | fidelity
 
     num_samples: int = 4
     max_new_tokens: int = 256
