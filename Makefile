@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP) ## create .venv and install retrobench (again only when pyproject.toml changes)
 
-run: install ## run one experiment: make run ARGS="method=full task.num_samples=2" (default: smollm2_135m, full, synthetic)
+run: install ## run one experiment: make run ARGS="method=quest task.num_samples=2" (default: smollm2_135m, retro, synthetic)
 	$(PY) -m retrobench run $(ARGS)
 
 test: install ## CPU test suite (offline, Triton interpreter, no gpu/slow tests)

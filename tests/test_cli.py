@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-SMALL = ["model=tiny_random", "task.context_tokens=320", "task.num_queries=2"]
+SMALL = ["model=tiny_random", "task=synthetic", "task.context_tokens=320", "task.num_queries=2"]
 
 
 def _env(**extra: str | None) -> dict[str, str]:
@@ -134,9 +134,10 @@ BAD_INPUTS = {
     "unknown_model": (["model=nope"], "model=nope", {}),
     "page_size": (["engine.page_size=12"], "engine.page_size", {}),
     "triton_without_gpu": (["engine.backend=triton"], "engine.backend", {"TRITON_INTERPRET": None}),
-    "context_too_long": (["task.context_tokens=4000", "task.max_new_tokens=200"], "model.max_context", {}),
+    "context_too_long": (["task=synthetic", "task.context_tokens=4000", "task.max_new_tokens=200"], "model.max_context", {}),
     "missing_model_package": (["model=smollm2_135m", "model.package=not_a_pkg"], "model.package", {}),
-    "unknown_key": (["method.window=3"], "method.window", {}),
+    "unknown_key": (["method.no_such_key=3"], "method.no_such_key", {}),
+    "prompt_too_long": (["task=longgenbench", "task.num_questions=30"], "model.max_context", {}),
 }
 
 
