@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -43,6 +45,8 @@ def make_method(name: str, fraction: float, **extra: Any):
 
 
 def write_table(out: Path, stem: str, rows: list[dict[str, Any]], columns: list[str], title: str) -> None:
+    if not rows:
+        return
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{stem}.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -71,11 +75,11 @@ def study_mass(args: argparse.Namespace) -> None:
     rows = []
     for fraction in args.budgets:
         for name in args.methods:
-            method = make_method(name, fraction)
+            method = make_method(name, fraction, **args.set)
             t0 = time.perf_counter()
             gen = Engine(model, method, probe_every=1).generate(prompt, 0, teacher_tokens=forced)
             rows.append({
-                "method": name, "budget_fraction": fraction, "mass_recall": gen.stats["mass_recall"],
+                "method": name + "".join(f" {k}={v}" for k, v in args.set.items()), "budget_fraction": fraction, "mass_recall": gen.stats["mass_recall"],
                 "attn_out_rel_err": gen.stats["attn_out_rel_err"], "attended_kv": gen.stats["attended_kv"],
                 "resident_kv": gen.stats["resident_kv"], "steps": len(gen.probes),
                 "wall_s": round(time.perf_counter() - t0, 1),
@@ -90,16 +94,24 @@ def study_retro(args: argparse.Namespace) -> None:
     model, tok = load_model(OmegaConf.load(CONF / "model" / f"{args.model}.yaml"), device="cpu", dtype="float32")
     prompt = stdlib_tokens(tok, args.prompt)
     t0 = time.perf_counter()
-    reference = Engine(model, make_method("full", 1.0)).generate(prompt, args.steps, keep_logits=True)
-    print(f"full greedy: {len(reference.tokens)} tokens in {time.perf_counter() - t0:.0f}s", flush=True)
+    cached = Path(args.reference) if args.reference else None
+    if cached is not None and cached.exists():
+        ref_tokens, ref_logits = torch.load(cached)
+    else:
+        reference = Engine(model, make_method("full", 1.0)).generate(prompt, args.steps, keep_logits=True)
+        ref_tokens, ref_logits = reference.tokens, reference.logits
+        if cached is not None:
+            torch.save((ref_tokens, ref_logits), cached)
+    print(f"full greedy: {len(ref_tokens)} tokens in {time.perf_counter() - t0:.0f}s", flush=True)
     rows = []
     for fraction in args.budgets:
-        runs = [("quest", 1, make_method("quest", fraction))]
-        runs += [(f"retro w={w}", w, make_method("retro", fraction, window=w)) for w in args.windows]
+        runs = [("quest", 1, make_method("quest", fraction))] if args.quest else []
+        label = "".join(f" {k}={v}" for k, v in args.set.items())
+        runs += [(f"retro w={w}{label}", w, make_method("retro", fraction, window=w, **args.set)) for w in args.windows]
         for label, window, method in runs:
             t0 = time.perf_counter()
-            gen = Engine(model, method).generate(prompt, 0, teacher_tokens=reference.tokens, keep_logits=True)
-            top1, kl = agreement(reference.logits, gen.logits)
+            gen = Engine(model, method).generate(prompt, 0, teacher_tokens=ref_tokens, keep_logits=True)
+            top1, kl = agreement(ref_logits, gen.logits)
             rows.append({
                 "method": label, "window": window, "budget_fraction": fraction, "exposure": gen.stats["exposure"],
                 "top1_agreement": top1, "kl_full_method": kl, "attended_kv": gen.stats["attended_kv"],
@@ -119,14 +131,21 @@ def main(argv: list[str] | None = None) -> None:
     mass.add_argument("--methods", nargs="+", default=["oracle", "quest", "infllm", "streaming", "tova"])
     mass.add_argument("--steps", type=int, default=256)
     retro = sub.add_parser("retro", help="exposure, top-1 agreement and KL of retro vs quest")
-    retro.add_argument("--windows", nargs="+", type=int, default=[1, 2, 4, 8])
+    retro.add_argument("--windows", nargs="*", type=int, default=[1, 2, 4, 8])
     retro.add_argument("--steps", type=int, default=512)
+    retro.add_argument("--no-quest", dest="quest", action="store_false", help="skip the quest rows")
+    retro.add_argument("--reference", default="", help="file caching the full-attention greedy output")
     for p in (mass, retro):
         p.add_argument("--model", default="smollm2_135m")
         p.add_argument("--prompt", type=int, default=4096)
         p.add_argument("--budgets", nargs="+", type=float, default=[0.05, 0.15])
         p.add_argument("--out", default="results/reference")
+        p.add_argument("--set", nargs="*", default=[], help="extra method settings, key=value (YAML values)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
+    args.set = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    if args.threads:
+        torch.set_num_threads(args.threads)
     {"mass": study_mass, "retro": study_retro}[args.study](args)
 
 
