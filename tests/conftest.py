@@ -12,9 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
 
 def conf_dir() -> Path:
@@ -49,3 +49,20 @@ def smollm2():
 def smollm2_tokenizer(smollm2):
     """The SmolLM2 tokenizer (from the shared model load: a GGUF tokenizer alone takes ~7 s)."""
     return smollm2[1]
+
+
+def run_cli(tmp_path: Path, *overrides: str) -> tuple[dict, Path]:
+    """``python -m retrobench run <overrides>`` into ``tmp_path/res``; returns (metrics.json record, results dir)."""
+    import json
+    import subprocess
+    import sys
+
+    results = tmp_path / "res"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "retrobench", "run", *overrides, f"results_dir={results}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (metrics_file,) = (results / "runs").glob("*/metrics.json")
+    return json.loads(metrics_file.read_text()), results

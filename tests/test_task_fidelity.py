@@ -8,15 +8,11 @@ tensors; one CLI run checks metrics.json end to end.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import model_conf
+from conftest import model_conf, run_cli
 from omegaconf import OmegaConf
 from retrobench.methods.full import FullMethod
 from retrobench.methods.quest import QuestMethod
@@ -143,20 +139,11 @@ def test_null_source_options_mean_defaults() -> None:
 
 
 def test_cli_fidelity_run_writes_metrics(tmp_path: Path) -> None:
-    results = tmp_path / "res"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    args = [
-        "run", "model=tiny_random", "method=quest", "task=fidelity", "task.source_task=synthetic",
+    record, results = run_cli(
+        tmp_path, "model=tiny_random", "method=quest", "task=fidelity", "task.source_task=synthetic",
         "task.source_options={context_tokens: 320, num_queries: 2, kind: copy}", "task.max_new_tokens=16",
-        "task.probe_every=4", "task.num_samples=1", f"results_dir={results}",
-    ]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-m", "retrobench", *args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+        "task.probe_every=4", "task.num_samples=1",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    (metrics_file,) = (results / "runs").glob("*/metrics.json")
-    record = json.loads(metrics_file.read_text())
     m = record["metrics"]
     assert record["task"] == "fidelity" and record["task_version"] == "1" and m["n"] == 1
     for key in ("top1_agreement", "kl_full_method", "first_divergence", "attn_out_rel_err", "mass_recall",

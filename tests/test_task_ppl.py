@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import model_conf
+from conftest import model_conf, run_cli
 from retrobench.methods.full import FullMethod
 from retrobench.methods.quest import QuestMethod
 from retrobench.tasks.base import TaskConfigError
@@ -179,24 +176,16 @@ def test_max_new_tokens_follows_eval_tokens() -> None:
 
 
 def test_cli_ppl_run_writes_metrics(tmp_path: Path) -> None:
-    results = tmp_path / "res"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    args = [
-        "run", "model=tiny_random", "method=quest", "task=ppl", "task.context_tokens=200",
-        "task.eval_tokens=64", "task.bucket_tokens=32", "task.num_samples=1", f"results_dir={results}",
-    ]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, "-m", "retrobench", *args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+    record, results = run_cli(
+        tmp_path, "model=tiny_random", "method=quest", "task=ppl", "task.context_tokens=200",
+        "task.eval_tokens=64", "task.bucket_tokens=32", "task.num_samples=1",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    (metrics_file,) = (results / "runs").glob("*/metrics.json")
-    record = json.loads(metrics_file.read_text())
     m = record["metrics"]
     assert record["task"] == "ppl" and record["task_version"] == "1" and m["n"] == 1
     for key in ("nll", "ppl", "ppl_ratio", "nll_full", "nll_bucket_0", "nll_bucket_1", "nll_ratio_bucket_1"):
         assert isinstance(m[key], float), key
     assert m["accuracy"] is None and m["completion"] == 1.0 and "ci_low" in record["summaries"]["nll"]
     assert len(list((results / "reference").glob("ppl-*.pt"))) == 1
-    row = json.loads((metrics_file.parent / "samples.jsonl").read_text().splitlines()[0])
+    (samples_file,) = (results / "runs").glob("*/samples.jsonl")
+    row = json.loads(samples_file.read_text().splitlines()[0])
     assert row["new_tokens"] == 64 and row["reference_cached"] is False and row["task_version"] == "1"
