@@ -15,7 +15,9 @@ Sources (``task.source``):
     file:   any local UTF-8 text file (``task.path``).
     pg19:   PG-19's test split (``deepmind/pg19`` through ``datasets``), one window per book.
 Samples of ``stdlib`` and ``file`` are consecutive, non-overlapping windows from the start of the
-text, so they are deterministic and independent of the seed.
+text, so they are deterministic and independent of the seed; ``first_window`` skips windows, so
+one study can split its windows over several processes (sample ids name the absolute window, so
+runs pair by id).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class PerplexityTask(Task):
         eval_tokens: teacher-forced tokens scored per sample (>= 1); ``max_new_tokens`` is set to it.
         bucket_tokens: generated positions per NLL bucket (>= 1); the last bucket may be shorter.
         num_samples: windows (samples) per run.
+        first_window: index of the first window (stdlib / file: skip that many windows; pg19: books).
     """
 
     name: ClassVar[str] = "ppl"
@@ -55,6 +58,7 @@ class PerplexityTask(Task):
     context_tokens: int = 3072
     eval_tokens: int = 1024
     bucket_tokens: int = 128
+    first_window: int = 0
     stop: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -62,6 +66,8 @@ class PerplexityTask(Task):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise TaskConfigError(f"task.{key} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.first_window, int) or isinstance(self.first_window, bool) or self.first_window < 0:
+            raise TaskConfigError(f"task.first_window must be an integer >= 0, got {self.first_window!r}")
         self.max_new_tokens = self.eval_tokens  # what the context check and the engine see
         super().__post_init__()
         if self.source not in SOURCES:
@@ -100,12 +106,14 @@ class PerplexityTask(Task):
         if self.source == "pg19":
             windows = self._pg19_windows(tokenizer, width)
         else:
-            ids = self._stream_tokens(tokenizer, self.num_samples * width)
+            first = self.first_window
+            ids = self._stream_tokens(tokenizer, (first + self.num_samples) * width)
             windows = [
-                (f"offset {i * width}", ids[i * width : (i + 1) * width]) for i in range(self.num_samples)
+                (f"offset {i * width}", ids[i * width : (i + 1) * width])
+                for i in range(first, first + self.num_samples)
             ]
         out = []
-        for i, (where, ids) in enumerate(windows):
+        for i, (where, ids) in enumerate(windows, start=self.first_window):
             prompt_ids = [*prefix, *ids[:text_len]]
             out.append(
                 Sample(
@@ -132,7 +140,7 @@ class PerplexityTask(Task):
         if ids is None:
             raise TaskConfigError(
                 f"task.path={self.path} has only {len(tokenizer.encode(text, add_special_tokens=False))} tokens; "
-                f"{n} needed (num_samples x (context_tokens + eval_tokens)); lower them or use a longer file"
+                f"{n} needed ((first_window + num_samples) x (context_tokens + eval_tokens)); lower them or use a longer file"
             )
         return ids
 
@@ -157,18 +165,19 @@ class PerplexityTask(Task):
                 ids = _head_tokens(tokenizer, str(book.get("text", "")), width)
                 if ids is not None:
                     windows.append((str(book.get("short_book_title", len(windows))), ids))
-                if len(windows) == self.num_samples:
+                if len(windows) == self.first_window + self.num_samples:
                     break
         except Exception as exc:  # noqa: BLE001 - offline, missing dataset, broken cache: one line
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise TaskConfigError(
                 f"task.source=pg19 could not load the dataset {PG19} (test split): {reason}; {hint}"
             ) from None
-        if len(windows) < self.num_samples:
+        if len(windows) < self.first_window + self.num_samples:
             raise TaskConfigError(
-                f"task.source=pg19: only {len(windows)} test books have {width} tokens; lower task.num_samples"
+                f"task.source=pg19: only {len(windows)} test books have {width} tokens; "
+                "lower task.num_samples or task.first_window"
             )
-        return windows
+        return windows[self.first_window :]
 
     # ---- scoring -----------------------------------------------------------------------------
 

@@ -189,3 +189,13 @@ def test_cli_ppl_run_writes_metrics(tmp_path: Path) -> None:
     (samples_file,) = (results / "runs").glob("*/samples.jsonl")
     row = json.loads(samples_file.read_text().splitlines()[0])
     assert row["new_tokens"] == 64 and row["reference_cached"] is False and row["task_version"] == "1"
+
+
+def test_first_window_skips_windows_and_keeps_absolute_ids(tiny_random) -> None:
+    _, tok = tiny_random
+    both = _task(num_samples=2).samples(tok, seed=0)
+    (second,) = _task(num_samples=1, first_window=1).samples(tok, seed=3)
+    assert second.id == both[1].id == "ppl-stdlib-1"
+    assert second.meta == both[1].meta and second.reference == both[1].reference
+    with pytest.raises(TaskConfigError, match="task.first_window"):
+        _task(first_window=-1)
