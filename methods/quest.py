@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-
 from retrobench.methods.common import SelectionMethod, pages_to_tokens, reduce_head_scores, topk_with_forced
 
 
@@ -26,7 +25,8 @@ def quest_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -
     lo = kmin.float().repeat_interleave(G, dim=1)  # [n, H, D]
     hi = kmax.float().repeat_interleave(G, dim=1)
     bound = torch.maximum(qf * hi, qf * lo).sum(dim=-1)  # [n, H]
-    return torch.nan_to_num(bound.transpose(0, 1), nan=float("-inf"))  # empty pages score -inf
+    empty = (lo == float("inf")).any(dim=-1)  # [n, H]: a page with no live key holds kmin = +inf
+    return torch.where(empty, float("-inf"), bound).transpose(0, 1)  # empty pages score -inf
 
 
 @dataclass

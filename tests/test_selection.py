@@ -120,3 +120,15 @@ def test_budget_rules():
         OracleMethod(granularity="block")
     with pytest.raises(ConfigError, match="method.dense_layers"):
         QuestMethod(dense_layers=-1)
+
+
+def test_quest_scores_empty_pages_minus_inf() -> None:
+    """A page with no live key (kmin = +inf, kmax = -inf) can never outrank a real page."""
+    from retrobench.methods.quest import quest_page_scores
+
+    kmin, kmax = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
+    kmax = torch.maximum(kmin, kmax)
+    kmin[1], kmax[1] = float("inf"), float("-inf")
+    scores = quest_page_scores(torch.randn(4, 8), kmin, kmax)
+    assert scores.shape == (4, 3)
+    assert torch.isneginf(scores[:, 1]).all() and torch.isfinite(scores[:, [0, 2]]).all()

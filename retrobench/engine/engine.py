@@ -16,16 +16,18 @@ from __future__ import annotations
 import contextlib
 import resource
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
 from retrobench.engine.cache import PagedKVCache
-from retrobench.engine.hook import ForwardContext, register
+from retrobench.engine.fast import FastContext, FastDecoder, GraphRunner, StepPlan, check_fast_method
+from retrobench.engine.hook import FAST_IMPLEMENTATION, ForwardContext, register
 from retrobench.methods.base import ConfigError, Method, ModelSpec, StepInfo
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class Request:
     state: Any
     step_stats: list[dict[str, float]] = field(default_factory=list)
     probes: list[dict[str, Any]] = field(default_factory=list)  # per probed step: per-layer fidelity
+    fast: FastDecoder | None = None  # backend=triton: static decode buffers (after prefill)
+    graphs: dict[int, GraphRunner] = field(default_factory=dict)  # backend=triton on CUDA: per S
 
 
 def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
@@ -101,9 +105,13 @@ class Engine:
     method: a :class:`retrobench.methods.base.Method`.
     page_size: P, a power of two.
     prefill_chunk: prompt tokens per dense prefill forward.
-    backend: ``torch`` (the reference path).
+    backend: ``torch`` (the reference path) or ``triton`` (:mod:`retrobench.engine.fast`: Triton
+        kernels, static shapes, decode forwards captured in CUDA graphs on a GPU; methods full,
+        quest and retro over quest; prefill stays on the reference path; per-step attention
+        accounting and probes are reference-only).
     probe_every: every k-th decode step, compare each sparse layer's attention for the current
         query with dense attention (mass recall, output error; costs a dense read); 0 = never.
+    cuda_graphs: with ``backend=triton`` on CUDA, replay decode steps from captured graphs.
     """
 
     def __init__(
@@ -114,6 +122,7 @@ class Engine:
         prefill_chunk: int = 512,
         backend: str = "torch",
         probe_every: int = 0,
+        cuda_graphs: bool = True,
     ) -> None:
         if not isinstance(page_size, int) or page_size < 1 or page_size & (page_size - 1):
             raise ConfigError(f"engine.page_size must be a power of two (1, 2, 4, ..., 16, ...), got {page_size!r}")
@@ -127,6 +136,11 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.backend = backend
         self.probe_every = probe_every
+        self.cuda_graphs = cuda_graphs
+        if backend == "triton":
+            check_fast_method(method)
+            if probe_every:
+                raise ConfigError("attention probes (task.probe_every) need engine.backend=torch; allowed with engine.backend=triton: tasks without probes")
         self._impl = register()
         cfg = model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -144,10 +158,10 @@ class Engine:
 
     # ---- low level ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _our_attention(self) -> Iterator[None]:
+    def _our_attention(self, impl: str | None = None) -> Iterator[None]:
         """Route the model's attention to retrobench for the duration of one forward."""
         previous = self.model.config._attn_implementation
-        self.model.config._attn_implementation = self._impl
+        self.model.config._attn_implementation = impl or self._impl
         try:
             yield
         finally:
@@ -175,6 +189,8 @@ class Engine:
         last_chunk: bool = False,
     ) -> torch.Tensor:
         """Run ``input_ids [B, S]`` at ``positions [B, S]``; returns the last token's logits ``[B, V]``."""
+        if phase == "decode" and self.backend == "triton":
+            return self._fast_forward(request, input_ids, positions, step)
         info = StepInfo(phase=phase, positions=positions, step=step, scaling=self.scaling, last_chunk=last_chunk)
         request.cache.reserve(positions)
         probe = phase == "decode" and self.probe_every > 0 and step % self.probe_every == 0
@@ -186,6 +202,30 @@ class Engine:
         if phase == "decode":
             request.step_stats.append(self._step_stats(request, ctx))
         return out.logits[:, -1].float()
+
+    def _fast_forward(self, request: Request, input_ids: torch.Tensor, positions: torch.Tensor, step: int) -> torch.Tensor:
+        """A decode step of the triton backend (eager, or a CUDA-graph replay per S)."""
+        if request.fast is None:
+            request.fast = FastDecoder(self.method, self.spec, request.cache, self.scaling)
+        dec = request.fast
+        dec.load_plan(StepPlan(positions.cpu(), step))
+        S = positions.shape[1]
+        ctx = FastContext(dec)
+
+        def run(ids: torch.Tensor) -> torch.Tensor:
+            dec.begin_step()
+            with self._our_attention(FAST_IMPLEMENTATION):
+                out = self.model(input_ids=ids, position_ids=dec.pos[:, :S], use_cache=False, logits_to_keep=1, rb=ctx)
+            return out.logits[:, -1].float()
+
+        if self.device.type == "cuda" and self.cuda_graphs:
+            if S not in request.graphs:
+                request.graphs[S] = GraphRunner(run, dec, input_ids)
+            logits = request.graphs[S].run(input_ids)
+        else:
+            logits = run(input_ids)
+        request.step_stats.append({"context": float(positions[:, -1].float().mean() + 1)})
+        return logits
 
     def _step_stats(self, request: Request, ctx: ForwardContext) -> dict[str, float]:
         stats = dict(self.method.end_step(ctx.info, request.cache, request.state))

@@ -24,6 +24,7 @@ from retrobench.kernels.attention_ref import dense_attention_ref
 from retrobench.methods.base import Method, StepInfo
 
 ATTN_IMPLEMENTATION = "retrobench"
+FAST_IMPLEMENTATION = "retrobench_triton"  # engine.backend=triton (retrobench/engine/fast.py)
 
 
 @dataclass
@@ -96,11 +97,15 @@ def probe_dense(layer: int, query: torch.Tensor, result: Any, rb: ForwardContext
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
     """The engine masks inside the attention function; transformers need not build a mask."""
-    return None
+    return
 
 
 def register() -> str:
     """Register the attention function and its (empty) mask builder; returns the implementation name."""
+    from retrobench.engine.fast import fast_attention
+
     AttentionInterface.register(ATTN_IMPLEMENTATION, retrobench_attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _no_mask)
+    AttentionInterface.register(FAST_IMPLEMENTATION, fast_attention)
+    AttentionMaskInterface.register(FAST_IMPLEMENTATION, _no_mask)
     return ATTN_IMPLEMENTATION

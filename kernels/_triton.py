@@ -1,0 +1,56 @@
+"""Guarded Triton import and the small helpers every kernel launcher shares.
+
+Triton is optional: on a machine without it (macOS) ``HAS_TRITON`` is False, the kernel modules
+still import, and every public op falls back to its plain-PyTorch reference. Kernels run on a
+CUDA GPU, or on CPU under ``TRITON_INTERPRET=1`` (set before Python starts; the interpreter
+decides at ``@triton.jit`` time). The interpreter computes bf16 arithmetic silently wrong, so
+kernels upcast to fp32 right after every load and CPU tests use fp32/fp16 only.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # pragma: no cover - depends on the machine
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+LOG2E = 1.4426950408889634  # log2(e): softmax runs on exp2 inside kernels
+LN2 = 0.6931471805599453  # ln(2): converts a base-2 LSE back to natural log
+
+
+def triton_usable(t: torch.Tensor) -> bool:
+    """Whether the Triton path can run on ``t``'s device (CUDA, or any device under the interpreter)."""
+    return HAS_TRITON and (t.is_cuda or INTERPRET)
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: exact fp32 products for fp32 inputs (never TF32), native otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.cache
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def target_programs(t: torch.Tensor) -> int:
+    """How many programs fill the device: two waves of SMs on CUDA, a handful under the interpreter."""
+    if t.is_cuda:
+        return 2 * sm_count(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    return 4

@@ -1,0 +1,119 @@
+"""Exact per-page key min/max (Quest metadata) refreshed on device after a cache write.
+
+After a forward writes keys at ``positions`` (appends, and RetroAttention's overwrites of its
+window), the min/max of every touched page is recomputed from the page's stored keys over its
+slots below the sequence length: exact, as ``PagedKVCache._refresh_meta`` does without eviction
+(an incremental min/max would be wrong after an overwrite). One program per (b, s, KV head) reads
+its page once; two positions on the same page compute the same values, so duplicates are
+harmless. Positions < 0 are skipped (padding rows of a static-shape batch).
+"""
+
+from __future__ import annotations
+
+import torch
+from retrobench.kernels._triton import HAS_TRITON, next_pow2, tl, triton, triton_usable
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _update_page_minmax_kernel(
+        Kc, Kmin, Kmax, PageTable, Positions, Lengths,
+        stride_kn, stride_kp, stride_kh,
+        stride_mn, stride_mh, stride_xn, stride_xh,
+        stride_ptb, stride_posb,
+        S, D,
+        P: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        kv = tl.program_id(1)
+        b = pid // S
+        s = pid % S
+        pos = tl.load(Positions + b * stride_posb + s)
+        if pos >= 0:
+            lp = pos // P
+            phys = tl.load(PageTable + b * stride_ptb + lp).to(tl.int64)
+            length = tl.load(Lengths + b)
+            slot = tl.arange(0, P)
+            d = tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            live = (lp * P + slot) < length
+            keys = tl.load(Kc + phys * stride_kn + slot[:, None] * stride_kp + kv * stride_kh + d[None, :],
+                           mask=live[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            lo = tl.min(tl.where(live[:, None], keys, float("inf")), 0)
+            hi = tl.max(tl.where(live[:, None], keys, float("-inf")), 0)
+            tl.store(Kmin + phys * stride_mn + kv * stride_mh + d, lo.to(Kmin.dtype.element_ty), mask=d_ok)
+            tl.store(Kmax + phys * stride_xn + kv * stride_xh + d, hi.to(Kmax.dtype.element_ty), mask=d_ok)
+
+
+def _check(k_cache, kmin, kmax, page_table, positions, lengths) -> None:
+    N_pages, P, H_kv, D = k_cache.shape
+    if kmin.shape != (N_pages, H_kv, D) or kmax.shape != kmin.shape:
+        raise ValueError(f"kmin/kmax must be [N_pages, H_kv, D] = [{N_pages}, {H_kv}, {D}], got {tuple(kmin.shape)}")
+    if P & (P - 1):
+        raise ValueError(f"page size {P} is not a power of two")
+    B = page_table.shape[0]
+    if positions.dim() != 2 or positions.shape[0] != B or tuple(lengths.shape) != (B,):
+        raise ValueError("positions must be [B, S] and lengths [B], with B = page_table.shape[0]")
+
+
+def update_page_minmax(
+    k_cache: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    page_table: torch.Tensor,
+    positions: torch.Tensor,
+    lengths: torch.Tensor,
+) -> None:
+    """Recompute, in place, ``kmin``/``kmax`` of every page holding one of ``positions`` (Triton; reference otherwise).
+
+    Parameters
+    ----------
+    k_cache : ``[N_pages, P, H_kv, D]`` keys of one layer (already written).
+    kmin, kmax : ``[N_pages, H_kv, D]`` updated in place (a page with no slot below the length
+        gets +inf / -inf).
+    page_table : ``[B, n_max]`` int32. positions : ``[B, S]`` int32/int64 (< 0 = skip).
+    lengths : ``[B]`` tokens of each sequence after the write.
+    """
+    _check(k_cache, kmin, kmax, page_table, positions, lengths)
+    if not triton_usable(k_cache):
+        return update_page_minmax_ref(k_cache, kmin, kmax, page_table, positions, lengths)
+    _, P, H_kv, D = k_cache.shape
+    B, S = positions.shape
+    if k_cache.stride(-1) != 1 or kmin.stride(-1) != 1 or kmax.stride(-1) != 1:
+        raise ValueError("k_cache, kmin and kmax must be contiguous in their last dimension")
+    page_table, positions, lengths = page_table.contiguous(), positions.contiguous(), lengths.contiguous()
+    if B * S == 0:
+        return None
+    _update_page_minmax_kernel[(B * S, H_kv)](
+        k_cache, kmin, kmax, page_table, positions, lengths,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        kmin.stride(0), kmin.stride(1), kmax.stride(0), kmax.stride(1),
+        page_table.stride(0), positions.stride(0),
+        S, D, P=P, BLOCK_D=next_pow2(D), num_warps=2,
+    )  # fmt: skip
+    return None
+
+
+def update_page_minmax_ref(
+    k_cache: torch.Tensor,
+    kmin: torch.Tensor,
+    kmax: torch.Tensor,
+    page_table: torch.Tensor,
+    positions: torch.Tensor,
+    lengths: torch.Tensor,
+) -> None:
+    """Reference: ``PagedKVCache._refresh_meta`` with every slot below the length live, per (b, s)."""
+    _check(k_cache, kmin, kmax, page_table, positions, lengths)
+    P = k_cache.shape[1]
+    inf = torch.tensor(float("inf"), dtype=k_cache.dtype, device=k_cache.device)
+    slots = torch.arange(P, device=k_cache.device)
+    for b in range(positions.shape[0]):
+        for pos in positions[b].tolist():
+            if pos < 0:
+                continue
+            page = pos // P
+            phys = int(page_table[b, page])
+            live = (page * P + slots < lengths[b]).view(P, 1, 1)
+            keys = k_cache[phys]  # [P, H_kv, D]
+            kmin[phys] = torch.where(live, keys, inf).amin(dim=0).to(kmin.dtype)
+            kmax[phys] = torch.where(live, keys, -inf).amax(dim=0).to(kmax.dtype)

@@ -1,0 +1,321 @@
+"""Sparse paged decode attention: split-K flash-decoding over a per-KV-head page list, GQA-packed.
+
+One call attends the S queries of each sequence (the current token and, for RetroAttention, the
+past tokens of its window) to the pages each KV head selected, straight from the paged cache.
+
+Kernel design (anchors-methods.md §4.1-4.4; SGLang/LightLLM two-stage decode, vLLM unified
+attention's GQA packing, Flash-Decoding):
+
+* one program per (sequence b, KV head, split, row block); its rows are the G query heads of the
+  KV head times the S queries (GQA packing, row r = g*S + s), so every selected page's K/V is
+  loaded ONCE for all G heads and all S queries: RetroAttention's supplementary attention of
+  past tokens reads no extra KV;
+* the selected tokens ``pages[b, kv, :]`` x P are split evenly between ``num_splits`` programs
+  (split-K); each walks its share in tiles of BLOCK_N tokens (a tile spans several small pages
+  or part of a large one), gathers K/V through ``page_table``, and keeps an online softmax in
+  base 2 (logits pre-scaled by ``scaling * log2(e)``) with fp32 accumulators;
+* visibility per (query, key): the page entry is not padding (-1), causal (``t <= q_pos``),
+  optional ``key_mask``, optional RetroAttention step mask (``page_step < q_step``);
+* each split writes a normalised partial output and its natural-log LSE (``m + log2(l)`` times
+  ln 2; the base-2 pitfall of §4.3), and ``_reduce_splits_kernel`` merges the splits
+  (§4.4); with one split the first kernel writes the final output directly.
+
+A query that sees no key gets out = 0 and lse = -inf (the merge identity), as in
+``attention_ref``. Shapes: glossary in methods/base.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from retrobench.kernels._triton import (
+    HAS_TRITON,
+    INTERPRET,
+    LOG2E,
+    dot_precision,
+    next_pow2,
+    target_programs,
+    tl,
+    triton,
+    triton_usable,
+)
+from retrobench.kernels.attention_ref import attention_ref
+
+BLOCK_N = 32 if INTERPRET else 64  # keys per tile (power of two >= 16: tl.dot's minimum)
+MAX_BLOCK_M = 64  # packed query rows (G*S) per program; more rows take more row blocks
+MIN_TOKENS_PER_SPLIT = 128  # a split smaller than this costs more in its reduce than it saves
+MAX_SPLITS = 64
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _sparse_paged_attention_kernel(
+        Q, Kc, Vc, PageTable, Pages, QPos, KeyMask, PageStep, QStep, Out, Lse,
+        sm_scale_log2,
+        stride_qb, stride_qh, stride_qs,
+        stride_kn, stride_kp, stride_kh,
+        stride_vn, stride_vp, stride_vh,
+        stride_ptb, stride_pgb, stride_pgh, stride_qpb,
+        stride_kmb, stride_kmh, stride_psb, stride_psh, stride_qsb,
+        stride_ob, stride_oh, stride_os, stride_osp,
+        stride_lb, stride_lh, stride_ls, stride_lsp,
+        H_KV, S, D, num_tokens, tokens_per_split,
+        G: tl.constexpr, P: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_KEY_MASK: tl.constexpr, HAS_PAGE_STEP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        pid_bk = tl.program_id(0)
+        split = tl.program_id(1)
+        pid_m = tl.program_id(2)
+        b = pid_bk // H_KV
+        kv = pid_bk % H_KV
+
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # packed rows r = g*S + s
+        row_ok = rows < G * S
+        g = rows // S
+        s = rows % S
+        h = kv * G + g
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < D
+
+        q = tl.load(
+            Q + b * stride_qb + h[:, None] * stride_qh + s[:, None] * stride_qs + d[None, :],
+            mask=row_ok[:, None] & d_ok[None, :], other=0.0,
+        ).to(Kc.dtype.element_ty)  # fmt: skip
+        q_pos = tl.load(QPos + b * stride_qpb + s, mask=row_ok, other=-1)
+        if HAS_PAGE_STEP:
+            q_step = tl.load(QStep + b * stride_qsb + s, mask=row_ok, other=0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+        pages_row = Pages + b * stride_pgb + kv * stride_pgh
+        start = split * tokens_per_split
+        end = tl.minimum(start + tokens_per_split, num_tokens)
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)  # token index within the selection: entry n // P, slot n % P
+            slot = n % P
+            lp = tl.load(pages_row + n // P, mask=n < end, other=-1)  # logical page, -1 = padding
+            col_ok = lp >= 0
+            phys = tl.load(PageTable + b * stride_ptb + lp, mask=col_ok, other=0).to(tl.int64)
+            t = lp * P + slot  # key position
+            if HAS_KEY_MASK:
+                km = tl.load(KeyMask + b * stride_kmb + kv * stride_kmh + t, mask=col_ok, other=0)
+                col_ok = col_ok & (km != 0)
+            kv_mask = col_ok[:, None] & d_ok[None, :]
+            k = tl.load(Kc + phys[:, None] * stride_kn + slot[:, None] * stride_kp + kv * stride_kh + d[None, :],
+                        mask=kv_mask, other=0.0)  # fmt: skip
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
+            vis = col_ok[None, :] & (t[None, :] <= q_pos[:, None])
+            if HAS_PAGE_STEP:
+                ps = tl.load(PageStep + b * stride_psb + kv * stride_psh + lp, mask=col_ok, other=0)
+                vis = vis & (ps[None, :] < q_step[:, None])
+            qk = tl.where(vis, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at 0
+            p = tl.exp2(qk - m_ref[:, None])
+            alpha = tl.exp2(m_i - m_ref)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(Vc + phys[:, None] * stride_vn + slot[:, None] * stride_vp + kv * stride_vh + d[None, :],
+                        mask=kv_mask, other=0.0)  # fmt: skip
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        seen = l_i > 0
+        out = acc / tl.where(seen, l_i, 1.0)[:, None]
+        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        tl.store(
+            Out + b * stride_ob + h[:, None] * stride_oh + s[:, None] * stride_os + split * stride_osp + d[None, :],
+            out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :],
+        )  # fmt: skip
+        tl.store(Lse + b * stride_lb + h * stride_lh + s * stride_ls + split * stride_lsp, lse, mask=row_ok)
+
+    @triton.jit
+    def _reduce_splits_kernel(
+        PartOut, PartLse, Out, Lse, NUM_SPLITS, D,
+        BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """Merge the per-split (out, lse) of one query row: rows are contiguous ``[R, NUM_SPLITS, D]``."""
+        row = tl.program_id(0).to(tl.int64)
+        sp = tl.arange(0, BLOCK_SPLITS)
+        d = tl.arange(0, BLOCK_D)
+        sp_ok = sp < NUM_SPLITS
+        lse = tl.load(PartLse + row * NUM_SPLITS + sp, mask=sp_ok, other=float("-inf"))
+        m = tl.max(lse, 0)
+        m_ref = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - m_ref))
+        o = tl.load(PartOut + (row * NUM_SPLITS + sp[:, None]) * D + d[None, :],
+                    mask=sp_ok[:, None] & (d[None, :] < D), other=0.0)  # fmt: skip
+        total = tl.sum(w, 0)
+        denom = tl.where(total > 0, total, 1.0)
+        out = tl.sum(w[:, None] * o, 0) / denom
+        tl.store(Out + row * D + d, out.to(Out.dtype.element_ty), mask=d < D)
+        tl.store(Lse + row, tl.where(total > 0, m_ref + tl.log(denom), float("-inf")))
+
+
+def _check(q, k_cache, v_cache, page_table, pages, q_pos, key_mask, page_step, q_step) -> None:
+    B, H, S, D = q.shape
+    _, P, H_kv, Dk = k_cache.shape
+    if Dk != D or v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache/v_cache {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not match q {tuple(q.shape)}")
+    if H % H_kv:
+        raise ValueError(f"H={H} is not a multiple of H_kv={H_kv}")
+    if P & (P - 1):
+        raise ValueError(f"page size {P} is not a power of two")
+    if pages.shape[:2] != (B, H_kv) or pages.dim() != 3:
+        raise ValueError(f"pages must be [B, H_kv, K] = [{B}, {H_kv}, K], got {tuple(pages.shape)}")
+    if page_table.dim() != 2 or page_table.shape[0] != B or tuple(q_pos.shape) != (B, S):
+        raise ValueError("page_table must be [B, n_max] and q_pos [B, S]")
+    T_max = page_table.shape[1] * P
+    if key_mask is not None and tuple(key_mask.shape) != (B, H_kv, T_max):
+        raise ValueError(f"key_mask must be [B, H_kv, n_max*P] = [{B}, {H_kv}, {T_max}], got {tuple(key_mask.shape)}")
+    if (page_step is None) != (q_step is None):
+        raise ValueError("page_step and q_step come together")
+    if page_step is not None and (
+        tuple(page_step.shape) != (B, H_kv, page_table.shape[1]) or tuple(q_step.shape) != (B, S)
+    ):
+        raise ValueError("page_step must be [B, H_kv, n_max] and q_step [B, S]")
+
+
+def default_num_splits(q: torch.Tensor, num_kv_heads: int, num_tokens: int, row_blocks: int = 1) -> int:
+    """Splits so that B * H_kv * splits programs fill the device, each with >= MIN_TOKENS_PER_SPLIT keys."""
+    programs = q.shape[0] * num_kv_heads * row_blocks
+    want = -(-target_programs(q) // programs)
+    most = max(1, -(-num_tokens // MIN_TOKENS_PER_SPLIT))
+    return max(1, min(want, most, MAX_SPLITS))
+
+
+def sparse_paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    pages: torch.Tensor,
+    q_pos: torch.Tensor,
+    scaling: float,
+    key_mask: torch.Tensor | None = None,
+    page_step: torch.Tensor | None = None,
+    q_step: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q`` over the selected pages of a paged KV cache (Triton; reference otherwise).
+
+    Parameters
+    ----------
+    q : ``[B, H, S, D]`` queries (bf16/fp16/fp32).
+    k_cache, v_cache : ``[N_pages, P, H_kv, D]`` physical pages of one layer (keys post-RoPE).
+    page_table : ``[B, n_max]`` int32, logical page -> physical page.
+    pages : ``[B, H_kv, K]`` int32 logical pages each KV head attends; -1 = padding (anywhere);
+        entries unique.
+    q_pos : ``[B, S]`` int32 query positions (causal: key t visible iff ``t <= q_pos``).
+    scaling : softmax scale.
+    key_mask : optional ``[B, H_kv, n_max*P]`` bool, False = key hidden.
+    page_step, q_step : optional ``[B, H_kv, n_max]`` / ``[B, S]`` int32: page p visible to query s
+        iff ``page_step[b, kv, p] < q_step[b, s]`` (RetroAttention; INT32_MAX = sees every page).
+    num_splits : split-K factor (default: fill the device, see :func:`default_num_splits`).
+
+    Returns
+    -------
+    out ``[B, H, S, D]`` in q.dtype and lse ``[B, H, S]`` fp32 natural log; a query that sees
+    no key gets 0 and -inf. No host synchronisation (CUDA-graph capturable).
+    """
+    _check(q, k_cache, v_cache, page_table, pages, q_pos, key_mask, page_step, q_step)
+    if not triton_usable(q):
+        return sparse_paged_attention_ref(q, k_cache, v_cache, page_table, pages, q_pos, scaling,
+                                          key_mask, page_step, q_step)  # fmt: skip
+    B, H, S, D = q.shape
+    _, P, H_kv, _ = k_cache.shape
+    G = H // H_kv
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+    page_table, pages, q_pos = page_table.contiguous(), pages.contiguous(), q_pos.contiguous()
+    num_tokens = pages.shape[2] * P
+    block_m = min(max(16, next_pow2(G * S)), MAX_BLOCK_M)
+    row_blocks = -(-(G * S) // block_m)
+    splits = num_splits if num_splits is not None else default_num_splits(q, H_kv, num_tokens, row_blocks)
+    if splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {splits}")
+    align = min(P, BLOCK_N)  # splits start on page (or tile) boundaries
+    tokens_per_split = -(-max(1, -(-num_tokens // splits)) // align) * align
+
+    out = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
+    if splits == 1:
+        part_out, part_lse = out, lse
+        so = (*out.stride()[:3], 0)
+        sl = (*lse.stride(), 0)
+    else:
+        part_out = torch.empty(B, H, S, splits, D, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(B, H, S, splits, dtype=torch.float32, device=q.device)
+        so = part_out.stride()[:4]
+        sl = part_lse.stride()
+    has_mask, has_step = key_mask is not None, page_step is not None
+    km = key_mask.contiguous().view(torch.uint8) if has_mask else pages  # dummy pointer when absent
+    ps = page_step.contiguous() if has_step else pages
+    qs = q_step.contiguous() if has_step else q_pos
+    grid = (B * H_kv, splits, row_blocks)
+    _sparse_paged_attention_kernel[grid](
+        q, k_cache, v_cache, page_table, pages, q_pos, km, ps, qs, part_out, part_lse,
+        scaling * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        page_table.stride(0), pages.stride(0), pages.stride(1), q_pos.stride(0),
+        km.stride(0) if has_mask else 0, km.stride(1) if has_mask else 0,
+        ps.stride(0) if has_step else 0, ps.stride(1) if has_step else 0, qs.stride(0),
+        *so, *sl,
+        H_kv, S, D, num_tokens, tokens_per_split,
+        G=G, P=P, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=max(16, next_pow2(D)),
+        HAS_KEY_MASK=has_mask, HAS_PAGE_STEP=has_step, DOT_PRECISION=dot_precision(k_cache.dtype),
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    if splits > 1:
+        _reduce_splits_kernel[(B * H * S,)](
+            part_out, part_lse, out, lse, splits, D,
+            BLOCK_SPLITS=next_pow2(splits), BLOCK_D=next_pow2(D), num_warps=4,
+        )  # fmt: skip
+    return out, lse
+
+
+def sparse_paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    pages: torch.Tensor,
+    q_pos: torch.Tensor,
+    scaling: float,
+    key_mask: torch.Tensor | None = None,
+    page_step: torch.Tensor | None = None,
+    q_step: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of :func:`sparse_paged_attention`: the boolean key mask, then ``attention_ref`` per
+    sequence over all of its logical pages (fp32). ``num_splits`` is ignored."""
+    _check(q, k_cache, v_cache, page_table, pages, q_pos, key_mask, page_step, q_step)
+    B, _, S, D = q.shape
+    _, P, H_kv, _ = k_cache.shape
+    n_max = page_table.shape[1]
+    T_max = n_max * P
+    outs, lses = [], []
+    for b in range(B):
+        phys = page_table[b].long().clamp(min=0)
+        keys = k_cache[phys].reshape(T_max, H_kv, D)
+        values = v_cache[phys].reshape(T_max, H_kv, D)
+        selected = torch.zeros(H_kv, n_max, dtype=torch.bool, device=q.device)
+        for kv in range(H_kv):
+            ids = pages[b, kv].long()
+            selected[kv, ids[ids >= 0]] = True
+        page_visible = selected.unsqueeze(1).expand(H_kv, S, n_max)  # [H_kv, S, n_max]
+        if page_step is not None:
+            page_visible = page_visible & (page_step[b].unsqueeze(1) < q_step[b].view(1, S, 1))
+        mask = page_visible.repeat_interleave(P, dim=-1)  # [H_kv, S, T_max]
+        positions = torch.arange(T_max, device=q.device)
+        mask = mask & (positions.view(1, 1, T_max) <= q_pos[b].view(1, S, 1))
+        if key_mask is not None:
+            mask = mask & key_mask[b].unsqueeze(1)
+        out, lse = attention_ref(q[b], keys, values, scaling, mask)
+        outs.append(out)
+        lses.append(lse)
+    return torch.stack(outs), torch.stack(lses)

@@ -1,0 +1,252 @@
+"""sparse_paged_attention (Triton) equals its reference on fresh random paged caches.
+
+CPU: fp32/fp16 under TRITON_INTERPRET=1 at small, odd shapes. GPU (``-m gpu``): bf16 at Llama-8B
+shapes, and the whole Quest decode pipeline captured in a CUDA graph (proves no host syncs).
+Outputs are allocated poisoned (NaN) so an unwritten element fails. Every test draws a new seed
+and prints it on failure (``KERNEL_TEST_SEED=<n>`` replays one).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from retrobench.kernels._testing import assert_close, fresh_seed, poisoned_empty
+from retrobench.kernels._triton import triton_usable
+from retrobench.kernels.paged_attention import sparse_paged_attention, sparse_paged_attention_ref
+
+INT32_MAX = 2**31 - 1
+# (atol, rtol) per dtype for out; lse is fp32 in both, from the same rounded inputs.
+TOL_OUT = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (2e-2, 2e-2)}
+TOL_LSE = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-4, 2e-4), torch.bfloat16: (1e-3, 1e-3)}
+
+
+def _needs_kernel_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if not triton_usable(torch.empty(0, device=device)):
+        pytest.skip("Triton cannot run here (set TRITON_INTERPRET=1 before Python starts, or use a GPU)")
+
+
+@dataclass
+class Case:
+    B: int = 2
+    H: int = 4
+    H_kv: int = 2
+    S: int = 1
+    D: int = 24
+    P: int = 4
+    lengths: tuple = (37, 20)
+    select: str = "random"  # random | empty | full | one
+    K: int = 6  # selection slots (random / one: padded with -1)
+    key_mask: bool = False
+    page_step: bool = False
+    permuted: bool = True  # page table a random permutation of a larger pool
+    strided_q: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+CASES = {
+    "mha-d24-s1-p4": Case(H=2, H_kv=2, S=1, D=24, P=4, lengths=(37, 20)),
+    "gqa3-d40-s3-boundary": Case(H=6, H_kv=2, S=3, D=40, P=8, lengths=(45, 64)),
+    "gqa4-kP-and-kP+1": Case(H=8, H_kv=2, S=1, D=32, P=16, lengths=(48, 49), K=3),
+    "gqa8-d64-s3": Case(B=1, H=8, H_kv=1, S=3, D=64, P=4, lengths=(33,), K=5),
+    "empty-selection": Case(H=6, H_kv=2, S=3, select="empty"),
+    "full-selection": Case(H=8, H_kv=2, S=3, D=40, P=8, lengths=(53, 17), select="full"),
+    "one-page": Case(H=6, H_kv=2, S=1, select="one"),
+    "key-mask": Case(H=8, H_kv=2, S=3, D=40, P=8, lengths=(61, 30), key_mask=True),
+    "page-step": Case(H=6, H_kv=2, S=3, D=24, P=4, lengths=(41, 26), page_step=True, K=8),
+    "mask-and-step-full": Case(H=4, H_kv=1, S=3, P=8, lengths=(40, 33), select="full", key_mask=True, page_step=True),
+    "contiguous-table": Case(H=4, H_kv=2, S=1, permuted=False),
+    "page-larger-than-tile": Case(H=4, H_kv=2, S=3, D=24, P=64, lengths=(150, 65), K=3),
+    "rows-over-one-block": Case(B=1, H=16, H_kv=1, S=5, D=16, P=8, lengths=(50,), K=5),
+    "d80-strided-q": Case(B=1, H=6, H_kv=2, S=3, D=80, P=16, lengths=(70,), K=4, strided_q=True),
+}
+
+
+def make_inputs(case: Case, dtype: torch.dtype, device: str = "cpu"):
+    B, H, H_kv, S, D, P = case.B, case.H, case.H_kv, case.S, case.D, case.P
+    lengths = torch.tensor(case.lengths)
+    n_max = math.ceil(int(lengths.max()) / P) + 1  # one spare logical page past every sequence
+    n_pool = B * n_max + 3
+    k_cache = torch.randn(n_pool, P, H_kv, D) * 1.5
+    v_cache = torch.randn(n_pool, P, H_kv, D)
+    phys = torch.randperm(n_pool)[: B * n_max] if case.permuted else torch.arange(B * n_max)
+    page_table = phys.view(B, n_max).to(torch.int32)
+    # slots at or past a sequence's length hold garbage that causality must hide
+    for b in range(B):
+        flat = page_table[b].long()
+        keys = k_cache[flat].reshape(n_max * P, H_kv, D)
+        keys[int(lengths[b]) :] = 30.0
+        k_cache[flat] = keys.view(n_max, P, H_kv, D)
+    if case.strided_q:
+        q = torch.randn(B, S, H, D).transpose(1, 2)
+    else:
+        q = torch.randn(B, H, S, D)
+    q_pos = torch.stack([torch.arange(int(t) - S, int(t)) for t in lengths]).to(torch.int32)
+
+    n_pages = [math.ceil(int(t) / P) for t in lengths]
+    width = {"full": n_max, "empty": case.K, "one": case.K, "random": case.K}[case.select]
+    pages = torch.full((B, H_kv, width), -1, dtype=torch.int32)
+    for b in range(B):
+        for kv in range(H_kv):
+            if case.select == "empty":
+                continue
+            if case.select == "full":
+                chosen = torch.randperm(n_pages[b])
+            elif case.select == "one":
+                chosen = torch.tensor([n_pages[b] - 1])
+            else:
+                chosen = torch.randperm(n_pages[b])[: min(width - 1, n_pages[b])]  # at least one -1 slot
+            slots = torch.randperm(width)[: len(chosen)]  # padding lands anywhere
+            pages[b, kv, slots] = chosen.to(torch.int32)
+
+    key_mask = page_step = q_step = None
+    if case.key_mask:
+        key_mask = torch.rand(B, H_kv, n_max * P) < 0.7
+    if case.page_step:
+        page_step = torch.randint(0, 4, (B, H_kv, n_max), dtype=torch.int32)
+        q_step = torch.randint(0, 5, (B, S), dtype=torch.int32)
+        q_step[:, -1] = INT32_MAX  # the current query sees every selected page
+    to = {"device": device}
+    args = (
+        q.to(dtype=dtype, **to), k_cache.to(dtype=dtype, **to), v_cache.to(dtype=dtype, **to),
+        page_table.to(**to), pages.to(**to), q_pos.to(**to), D**-0.5,
+    )  # fmt: skip
+    kwargs = {
+        "key_mask": None if key_mask is None else key_mask.to(**to),
+        "page_step": None if page_step is None else page_step.to(**to),
+        "q_step": None if q_step is None else q_step.to(**to),
+    }
+    return args, kwargs
+
+
+def check(case: Case, dtype: torch.dtype, num_splits, device: str = "cpu") -> None:
+    seed = fresh_seed()
+    args, kwargs = make_inputs(case, dtype, device)
+    expected_out, expected_lse = sparse_paged_attention_ref(*args, **kwargs)
+    with poisoned_empty():
+        out, lse = sparse_paged_attention(*args, **kwargs, num_splits=num_splits)
+    assert out.dtype == args[0].dtype and lse.dtype == torch.float32
+    assert_close("lse", lse, expected_lse, *TOL_LSE[dtype], seed=seed)
+    assert_close("out", out, expected_out, *TOL_OUT[dtype], seed=seed)
+    if case.select == "empty":
+        assert torch.all(out == 0) and torch.all(lse == float("-inf")), f"seed {seed}"
+    else:
+        assert torch.isfinite(lse).any(), f"degenerate case: nothing visible (seed {seed})"
+
+
+@pytest.mark.parametrize("num_splits", [1, 3], ids=["splits1", "splits3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(name: str, dtype: torch.dtype, num_splits: int) -> None:
+    _needs_kernel_device("cpu")
+    check(CASES[name], dtype, num_splits)
+
+
+def test_default_splits_and_more_splits_than_tiles() -> None:
+    _needs_kernel_device("cpu")
+    case = Case(H=6, H_kv=2, S=3, D=24, P=4, lengths=(41, 26), K=8)
+    check(case, torch.float32, None)
+    check(case, torch.float32, 7)  # most splits hold no tile: they must still write (0, -inf)
+
+
+def test_hidden_keys_do_not_leak() -> None:
+    """Keys hidden by every mask at once change nothing: poison them with huge values and NaN in V."""
+    _needs_kernel_device("cpu")
+    seed = fresh_seed()
+    case = Case(H=4, H_kv=2, S=3, D=24, P=4, lengths=(30, 22), K=5, key_mask=True)
+    args, kwargs = make_inputs(case, torch.float32)
+    _, k_cache, v_cache, page_table, pages = args[:5]
+    expected = sparse_paged_attention_ref(*args, **kwargs)
+    # every page that no KV head of its sequence selected gets NaN keys and values
+    for b in range(case.B):
+        chosen = set(pages[b].flatten().tolist()) - {-1}
+        for lp in range(page_table.shape[1]):
+            if lp not in chosen:
+                k_cache[page_table[b, lp]] = float("nan")
+                v_cache[page_table[b, lp]] = float("nan")
+        # and every key the key mask hides, per KV head
+        hidden = ~kwargs["key_mask"][b]  # [H_kv, T_max]
+        for kv, t in hidden.nonzero().tolist():
+            k_cache[page_table[b, t // case.P], t % case.P, kv] = float("nan")
+            v_cache[page_table[b, t // case.P], t % case.P, kv] = float("nan")
+    with poisoned_empty():
+        out, lse = sparse_paged_attention(*args, **kwargs, num_splits=2)
+    assert_close("lse", lse, expected[1], *TOL_LSE[torch.float32], seed=seed)
+    assert_close("out", out, expected[0], *TOL_OUT[torch.float32], seed=seed)
+
+
+def test_rejects_bad_shapes() -> None:
+    args, _ = make_inputs(Case(), torch.float32)
+    q, k_cache, v_cache, page_table, pages, q_pos, scaling = args
+    with pytest.raises(ValueError, match="power of two"):
+        sparse_paged_attention(q, k_cache[:, :3], v_cache[:, :3], page_table, pages, q_pos, scaling)
+    with pytest.raises(ValueError, match="pages must be"):
+        sparse_paged_attention(q, k_cache, v_cache, page_table, pages[:, :1], q_pos, scaling)
+    with pytest.raises(ValueError, match="come together"):
+        sparse_paged_attention(q, k_cache, v_cache, page_table, pages, q_pos, scaling, page_step=pages)
+
+
+# ---- GPU (real Triton, bf16, Llama-3.1-8B shapes) ----------------------------------------------
+GPU_CASES = {
+    "llama8b-s1": Case(B=2, H=32, H_kv=8, S=1, D=128, P=16, lengths=(4096, 3001), K=128),
+    "llama8b-s3-step": Case(B=2, H=32, H_kv=8, S=3, D=128, P=16, lengths=(4096, 4097), K=128, page_step=True),
+    "llama8b-mask-full": Case(B=1, H=32, H_kv=8, S=2, D=128, P=16, lengths=(2049,), select="full", key_mask=True),
+    "qwen-d80-gqa4": Case(B=3, H=16, H_kv=4, S=1, D=80, P=32, lengths=(999, 2048, 31), K=40),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [None, 1, 5], ids=["splits-auto", "splits1", "splits5"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("name", list(GPU_CASES) + ["gqa3-d40-s3-boundary", "page-larger-than-tile", "empty-selection"])
+def test_matches_reference_gpu(name: str, dtype: torch.dtype, num_splits) -> None:
+    _needs_kernel_device("cuda")
+    check(GPU_CASES.get(name) or CASES[name], dtype, num_splits, device="cuda")
+
+
+@pytest.mark.gpu
+def test_quest_decode_step_captures_in_cuda_graph() -> None:
+    """Page scores, selection, attention and the metadata refresh replay from a CUDA graph (no host syncs)."""
+    _needs_kernel_device("cuda")
+    from retrobench.kernels.page_meta import update_page_minmax
+    from retrobench.kernels.quest import quest_page_scores, quest_select
+
+    seed = fresh_seed()
+    case = Case(B=2, H=32, H_kv=8, S=1, D=128, P=16, lengths=(4096, 3001), K=16)
+    args, _ = make_inputs(case, torch.bfloat16, "cuda")
+    q, k_cache, v_cache, page_table, _, q_pos, scaling = args
+    N, P, H_kv, D = k_cache.shape
+    kmin = torch.full((N, H_kv, D), float("inf"), dtype=k_cache.dtype, device="cuda")
+    kmax = torch.full_like(kmin, float("-inf"))
+    lengths = q_pos[:, -1].long() + 1
+    every = torch.arange(page_table.shape[1] * P, device="cuda").view(1, -1).expand(case.B, -1)
+    update_page_minmax(k_cache, kmin, kmax, page_table, torch.where(every < lengths[:, None], every, -1), lengths)
+    n_pages = ((lengths + P - 1) // P).to(torch.int32)
+    k = torch.full((case.B,), 12, dtype=torch.int32, device="cuda")
+
+    def step():
+        update_page_minmax(k_cache, kmin, kmax, page_table, q_pos, lengths)
+        scores = quest_page_scores(q[:, :, -1], kmin, kmax, page_table, n_pages)
+        pages = quest_select(scores, k, case.K, n_pages - 1)
+        return sparse_paged_attention(q, k_cache, v_cache, page_table, pages, q_pos, scaling)
+
+    expected = step()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm-up (compiles) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close("graph out", captured[0], expected[0], 0, 0, seed=seed)
+    assert_close("graph lse", captured[1], expected[1], 0, 0, seed=seed)
