@@ -1,0 +1,310 @@
+"""Decode-step latency of ``engine.backend=triton`` against its memory-traffic floor (issue 6).
+
+``python -m retrobench.bench_decode`` (``make bench`` on a GPU machine) measures, on a
+Llama-3.1-8B-shaped model with random bf16 weights (latency does not depend on weight values):
+
+1. the device's copy bandwidth (a large device-to-device copy; read + write bytes / time) and
+   the sparse paged attention kernel's achieved bandwidth (K/V bytes read / time);
+2. the time of one whole decode step (all layers, CUDA-graph replay) for full, quest and retro
+   (w = 2, 4, 8) at each context, budget and batch size that fits in memory, beside its floor:
+   (weights read + page metadata read + selected K/V read) / copy bandwidth;
+3. derived ratios: retro / quest at equal budget and quest, retro vs full.
+
+The KV cache is filled with random keys and values (exact page min/max) instead of running a
+prefill: a decode step's cost depends on the context length and the budget, not on the values.
+Rows are appended to ``<out>/decode.csv`` as they are measured (long format: op, method, context,
+budget, window, batch, p50/p10/p90 ms, bytes, GB/s, floor, device, versions, git sha), so an
+interrupted run keeps what it measured; ``<out>/decode.md`` holds the table. On CPU (tests) it
+runs eagerly under ``TRITON_INTERPRET=1`` at toy sizes: ``--smoke``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from retrobench.engine.cache import PagedKVCache
+from retrobench.engine.fast import FastContext, FastDecoder, GraphRunner, StepPlan
+from retrobench.engine.hook import FAST_IMPLEMENTATION, register
+from retrobench.methods.base import ModelSpec
+from retrobench.methods.full import FullMethod
+from retrobench.methods.quest import QuestMethod
+from retrobench.methods.retro import RetroMethod
+from retrobench.results import environment
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+FIELDS = ("op", "method", "context", "budget", "window", "batch", "p50_ms", "p10_ms", "p90_ms", "bytes", "gbps",
+          "floor_ms", "x_floor", "graph", "peak_memory_bytes", "output_cache_bytes", "device", "torch", "triton",
+          "transformers", "git_sha")  # fmt: skip
+
+
+def load_random_model(name: str, device: str, dtype: torch.dtype, overrides: dict[str, Any] | None = None):
+    """A Llama from ``conf/model/<name>.yaml``'s config with random weights, built on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = yaml.safe_load((CONF / "model" / f"{name}.yaml").read_text())
+    config = LlamaConfig(**{**cfg["config"], **(overrides or {})})
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval()
+
+
+def fill_cache(cache: PagedKVCache, context: int) -> None:
+    """Random K/V for positions [0, context) of every sequence, exact page min/max, lengths, liveness."""
+    P, n = cache.page_size, math.ceil(context / cache.page_size)
+    g = torch.Generator(device=cache.k.device).manual_seed(0)
+    for layer in range(cache.num_layers):
+        for b in range(cache.batch_size):
+            phys = cache.page_table[b, :n]
+            shape = (n, P, cache.num_kv_heads, cache.head_dim)
+            k = torch.randn(shape, generator=g, device=cache.k.device, dtype=torch.float32).to(cache.k.dtype)
+            cache.k[layer, phys] = k
+            cache.v[layer, phys] = torch.randn(shape, generator=g, device=cache.k.device).to(cache.v.dtype)
+            valid = (torch.arange(n * P, device=k.device) < context).view(n, P, 1, 1)
+            inf = torch.tensor(float("inf"), dtype=k.dtype, device=k.device)
+            cache.kmin[layer, phys] = torch.where(valid, k, inf).amin(dim=1)
+            cache.kmax[layer, phys] = torch.where(valid, k, -inf).amax(dim=1)
+    cache.lengths.fill_(context)
+    cache.live[:, :, :context] = True
+
+
+def make_method(name: str, budget: dict[str, Any] | None, window: int, dense_layers: int) -> Any:
+    if name == "full":
+        return FullMethod()
+    if name == "quest":
+        return QuestMethod(budget=budget, dense_layers=dense_layers)
+    return RetroMethod(window=window, budget=budget, dense_layers=dense_layers)
+
+
+def time_cuda(fn, iters: int, warmup: int) -> list[float]:
+    """Per-call milliseconds of ``fn`` from CUDA events (one pair per call)."""
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def time_cpu(fn, iters: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def percentiles(ms: list[float]) -> dict[str, float]:
+    qs = statistics.quantiles(ms, n=10, method="inclusive") if len(ms) > 1 else [ms[0]] * 9
+    return {"p50_ms": statistics.median(ms), "p10_ms": qs[0], "p90_ms": qs[-1]}
+
+
+def copy_bandwidth(device: str, nbytes: int, timer) -> float:
+    """Device copy bandwidth in GB/s, counting the bytes read and written."""
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    ms = statistics.median(timer(lambda: y.copy_(x), 20, 3))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def step_bytes(model: Any, spec: ModelSpec, dec: FastDecoder, context: int, batch: int) -> int:
+    """Bytes a decode step must read at least: weights (embedding rows aside), page metadata, selected K/V."""
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    kv_token = 2 * spec.num_kv_heads * spec.head_dim * dec.cache.k.element_size()  # K + V, one layer
+    pages = math.ceil(context / spec.page_size)
+    dense = dec.dense_layers
+    total = weights + batch * dense * context * kv_token
+    if dec.sparse:
+        k_pages = min(pages, dec.method.budget.num_pages(context, spec.page_size, dec.method.min_pages))
+        sparse = spec.num_layers - dense
+        meta = 2 * spec.num_kv_heads * spec.head_dim * dec.cache.kmin.element_size() * pages
+        total += batch * sparse * (meta + min(context, k_pages * spec.page_size) * kv_token)
+    return total
+
+
+def bench_config(model, spec, cache, method, context: int, batch: int, graphs: bool, timer, iters: int) -> dict:
+    """Time one decode step (S = the method's window) over a filled cache."""
+    dec = FastDecoder(method, spec, cache, spec.head_dim**-0.5)
+    S = dec.window
+    positions = torch.arange(context - S, context).expand(batch, S).contiguous()
+    dec.load_plan(StepPlan(positions, step=S + 8))
+    ctx = FastContext(dec)
+    ids = torch.randint(0, 256, (batch, S), device=cache.k.device)
+    previous = model.config._attn_implementation
+    model.config._attn_implementation = FAST_IMPLEMENTATION
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        dec.begin_step()
+        return model(input_ids=x, position_ids=dec.pos[:, :S], use_cache=False, logits_to_keep=1, rb=ctx).logits
+
+    try:
+        with torch.inference_mode():
+            if graphs:
+                runner = GraphRunner(forward, dec, ids)
+                ms = timer(lambda: runner.run(ids), iters, 3)
+            else:
+                ms = timer(lambda: forward(ids), iters, 1)
+    finally:
+        model.config._attn_implementation = previous
+    out_cache = dec.out_cache.numel() * 4 + dec.lse_cache.numel() * 4 if dec.name == "retro" else 0
+    return {**percentiles(ms), "bytes": step_bytes(model, spec, dec, context, batch), "output_cache_bytes": out_cache}
+
+
+def grid(smoke: bool) -> list[tuple[int, int, str, dict | None, int]]:
+    """(context, batch, method, budget, window) in priority order (an interrupted run keeps the first)."""
+    if smoke:
+        return [(96, 2, "full", None, 1), (96, 2, "quest", {"tokens": 32}, 1), (96, 2, "retro", {"tokens": 32}, 2)]
+    rows = []
+    for context, batch in ((32768, 1), (32768, 8), (8192, 1), (8192, 8), (131072, 1)):
+        rows.append((context, batch, "full", None, 1))
+        for budget in ({"tokens": 2048}, {"fraction": 0.15}):
+            rows.append((context, batch, "quest", budget, 1))
+            for w in (2, 4, 8) if "tokens" in budget else (2,):
+                rows.append((context, batch, "retro", budget, w))
+    return rows
+
+
+def describe(budget: dict | None) -> str:
+    return "-" if budget is None else (f"{budget['tokens']}" if "tokens" in budget else f"{budget['fraction']:.0%}")
+
+
+def write_markdown(rows: list[dict], path: Path, header: str) -> None:
+    lines = [header, "", "| method | w | context | batch | budget | p50 ms | p10 | p90 | floor ms | x floor | GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        if r["op"] != "decode_step":
+            continue
+        lines.append(
+            f"| {r['method']} | {r['window']} | {r['context']} | {r['batch']} | {r['budget']} | {r['p50_ms']:.3f} | "
+            f"{r['p10_ms']:.3f} | {r['p90_ms']:.3f} | {r['floor_ms']:.3f} | {r['x_floor']:.2f} | {r['gbps']:.0f} |"
+        )
+    lines += ["", "Ratios of p50 step times measured in this run (same context, batch and budget):", ""]
+    steps = {(r["method"], r["window"], r["context"], r["batch"], r["budget"]): r["p50_ms"] for r in rows
+             if r["op"] == "decode_step"}  # fmt: skip
+    for (m, w, ctx, batch, budget), ms in steps.items():
+        if m != "retro":
+            continue
+        quest = steps.get(("quest", 1, ctx, batch, budget))
+        full = steps.get(("full", 1, ctx, batch, "-"))
+        parts = [f"retro/quest {ms / quest:.3f}" if quest else "", f"full/retro {full / ms:.2f}x" if full else "",
+                 f"full/quest {full / quest:.2f}x" if full and quest and w == 2 else ""]  # fmt: skip
+        lines.append(f"- retro w={w}, context {ctx}, batch {batch}, budget {budget}: " + ", ".join(p for p in parts if p))
+    lines += ["", "Other measurements:", ""]
+    lines += [f"- {r['op']}: {r['gbps']:.0f} GB/s ({r['method']}, context {r['context']}, batch {r['batch']}, "
+              f"p50 {r['p50_ms']:.3f} ms)" for r in rows if r["op"] != "decode_step"]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m retrobench.bench_decode", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="results/bench", help="folder for decode.csv and decode.md")
+    parser.add_argument("--model", default="llama31_8b_random", help="a model.source=random config of conf/model/")
+    parser.add_argument("--iters", type=int, default=30, help="timed decode steps per configuration")
+    parser.add_argument("--deadline-s", type=float, default=480.0, help="stop starting new configurations after this")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes on CPU (TRITON_INTERPRET=1), no CUDA graphs")
+    args = parser.parse_args(argv)
+    t_start = time.perf_counter()
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = "cuda" if cuda else "cpu"
+    timer = time_cuda if cuda else time_cpu
+    overrides = {"num_hidden_layers": 3, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 8,
+                 "num_key_value_heads": 2, "vocab_size": 260} if args.smoke else None  # fmt: skip
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = load_random_model(args.model, device, dtype, overrides)
+    register()
+    c = model.config
+    spec = ModelSpec(c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+                     c.hidden_size // c.num_attention_heads, 16)  # fmt: skip
+    env = environment("triton", device)
+    base = {"device": env["device_name"], "torch": env["torch"], "triton": env["triton"] or "",
+            "transformers": env["transformers"], "git_sha": env["git_sha"] or ""}  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / ("decode_smoke.csv" if args.smoke else "decode.csv")
+    rows: list[dict] = []
+    with csv_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        writer.writeheader()
+
+        def emit(row: dict) -> None:
+            row = {**{k: "" for k in FIELDS}, **base, **row}
+            rows.append(row)
+            writer.writerow(row)
+            fh.flush()
+            print(f"{row['op']:>12} {row['method']:>6} w={row['window']} ctx={row['context']} B={row['batch']} "
+                  f"budget={row['budget']}: p50 {row['p50_ms']:.3f} ms  {row['gbps']:.0f} GB/s", flush=True)  # fmt: skip
+
+        bw = copy_bandwidth(device, (1 << 20) if args.smoke else (4 << 30), timer)
+        emit({"op": "copy", "method": "-", "context": 0, "batch": 1, "budget": "-", "window": 0,
+              "p50_ms": 0.0, "p10_ms": 0.0, "p90_ms": 0.0, "gbps": bw})  # fmt: skip
+        caches: dict[tuple[int, int], PagedKVCache] = {}
+        for context, batch, name, budget, window in grid(args.smoke):
+            if time.perf_counter() - t_start > args.deadline_s:
+                print(f"deadline reached: skipping the rest from {name} ctx={context} B={batch}", flush=True)
+                break
+            key = (context, batch)
+            if key not in caches:
+                caches.clear()
+                if cuda:
+                    torch.cuda.empty_cache()
+                need = 2 * spec.num_layers * batch * context * 2 * spec.num_kv_heads * spec.head_dim
+                free = torch.cuda.mem_get_info()[0] if cuda else 1 << 62
+                if need > 0.85 * free:
+                    print(f"skip ctx={context} B={batch}: KV needs {need / 1e9:.0f} GB, {free / 1e9:.0f} GB free")
+                    continue
+                cache = PagedKVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, 16, context, batch, dtype, device)
+                fill_cache(cache, context)
+                caches[key] = cache
+                if cuda:
+                    kernel_row(emit, cache, spec, context, batch, timer)
+            method = make_method(name, budget, window, dense_layers=2)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            r = bench_config(model, spec, caches[key], method, context, batch, cuda, timer, args.iters)
+            floor_ms = r["bytes"] / (bw * 1e9) * 1e3
+            emit({"op": "decode_step", "method": name, "context": context, "batch": batch, "budget": describe(budget),
+                  "window": window, **r, "gbps": r["bytes"] / (r["p50_ms"] * 1e-3) / 1e9, "floor_ms": floor_ms,
+                  "x_floor": r["p50_ms"] / floor_ms, "graph": cuda,
+                  "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else ""})  # fmt: skip
+    header = (f"# Decode-step latency, engine.backend=triton ({base['device']}, {args.model}{' smoke' if args.smoke else ''})"
+              f"\n\ntorch {base['torch']}, triton {base['triton']}, git {base['git_sha'] or 'n/a'}; "
+              f"floor = bytes / measured copy bandwidth ({bw:.0f} GB/s); CUDA graphs: {cuda}.")  # fmt: skip
+    write_markdown(rows, csv_path.with_suffix(".md"), header)
+    print(f"wrote {csv_path} and {csv_path.with_suffix('.md')}")
+    return 0
+
+
+def kernel_row(emit, cache: PagedKVCache, spec: ModelSpec, context: int, batch: int, timer) -> None:
+    """Achieved bandwidth of the attention kernel alone over every page (one layer, S = 1)."""
+    from retrobench.kernels.paged_attention import sparse_paged_attention
+
+    n = math.ceil(context / cache.page_size)
+    pages = torch.arange(n, dtype=torch.int32, device=cache.k.device).expand(batch, spec.num_kv_heads, n).contiguous()
+    q = torch.randn(batch, spec.num_heads, 1, spec.head_dim, device=cache.k.device, dtype=cache.k.dtype)
+    q_pos = torch.full((batch, 1), context - 1, dtype=torch.int32, device=cache.k.device)
+    table = cache.page_table.to(torch.int32)
+    ms = timer(lambda: sparse_paged_attention(q, cache.k[0], cache.v[0], table, pages, q_pos, spec.head_dim**-0.5), 30, 3)
+    kv = batch * context * 2 * spec.num_kv_heads * spec.head_dim * cache.k.element_size()
+    emit({"op": "attn_kernel", "method": "full", "context": context, "batch": batch, "budget": "-", "window": 1,
+          **percentiles(ms), "bytes": kv, "gbps": kv / (statistics.median(ms) * 1e-3) / 1e9})  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
