@@ -1,4 +1,4 @@
-"""Command-line entry point: ``python -m retrobench {run,list,--help}`` and the ``retrobench`` script.
+"""Command-line entry point: ``python -m retrobench {run,list,report,--help}`` and the ``retrobench`` script.
 
 ``run`` hands everything after the subcommand to a ``@hydra.main`` application, so every Hydra
 feature keeps working (``-m`` multirun, ``--cfg job``, ``--help``, ``experiment=``/``sweep=``).
@@ -8,7 +8,8 @@ command works from any working directory.
 Before Hydra composes, group choices on the command line (``method=foo``) are checked against
 the YAML files present, so a typo fails with one line naming the allowed values instead of
 Hydra's multi-line report. ``list`` prints what each group offers, with the first comment line
-of each YAML as its description.
+of each YAML as its description. ``report`` writes the markdown/CSV/PNG report of a result store
+(:func:`retrobench.report.write_report`); it reads files only and never loads a model.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ usage: python -m retrobench <command> [options]     (or: retrobench <command> ..
 commands:
   run [OVERRIDES...]   run one experiment (Hydra app: any key=value override, -m for sweeps)
   list                 list the models, methods, tasks, engines, loggers, experiments and sweeps
+  report [--results-dir DIR] [--out DIR] [--bench-dir DIR]
+                       write DIR/report/report.md (+ tables/*.csv, plots/*.png) from the result
+                       store: means with 95% CIs, paired retro - base differences, the paper's
+                       numbers beside ours (`report --help` for details)
   --help, -h           show this message (`run --help` shows Hydra's help and the config)
 
 examples:
@@ -38,6 +43,7 @@ examples:
   python -m retrobench run --cfg job                        # print the composed config, run nothing
   python -m retrobench run overwrite=true                   # rerun a finished run
   python -m retrobench list
+  python -m retrobench report                               # results/ -> results/report/report.md
 
 Results go to <results_dir>/runs/<hash>/ (config.yaml, env.json, samples.jsonl, metrics.json);
 a finished run is skipped, a killed one resumes. Load them with retrobench.results.load_runs().
@@ -167,6 +173,61 @@ def _run_hydra(overrides: list[str]) -> None:
     app()
 
 
+REPORT_HELP = """\
+usage: python -m retrobench report [--results-dir DIR] [--out DIR] [--bench-dir DIR]
+       (key=value also works: results_dir=DIR out=DIR bench_dir=DIR)
+
+Reads the finished runs under DIR/runs/ (and the benchmark CSVs under DIR/bench/) and writes
+  OUT/report.md        markdown tables: mean [95% bootstrap CI] over samples, paired retro - base
+                       differences on the same samples, the paper's numbers beside ours and the gap
+  OUT/tables/*.csv     one CSV per table (full precision)
+  OUT/plots/*.png      accuracy vs budget / window, exposure vs window / accuracy, perplexity
+                       ratio over position, latency vs context (retrobench.plots)
+Sections without runs say "no runs"; nothing is computed that the store does not hold.
+
+options:
+  --results-dir DIR    result store root (default: results)
+  --out DIR            output folder (default: DIR/report); its tables/ and plots/ are replaced
+  --bench-dir DIR      benchmark CSV folder (default: DIR/bench)
+  -h, --help           show this message
+"""
+
+
+def report_main(args: list[str]) -> int:
+    """``report``: parse ``--results-dir/--out/--bench-dir`` (or ``key=value``) and write the report."""
+    options = {"results_dir": "results", "out": None, "bench_dir": None}
+    flags = {"--results-dir": "results_dir", "--out": "out", "--bench-dir": "bench_dir"}
+    rest = list(args)
+    while rest:
+        item = rest.pop(0)
+        if item in ("-h", "--help"):
+            print(REPORT_HELP, end="")
+            return 0
+        name, sep, value = item.partition("=")
+        if name in flags:
+            if not sep:
+                if not rest:
+                    print(f"error: report {name} needs a value", file=sys.stderr)
+                    return 2
+                value = rest.pop(0)
+            options[flags[name]] = value
+        elif sep and name in options:
+            options[name] = value
+        else:
+            allowed = ", ".join([*flags, *(f"{k}=" for k in options)])
+            print(f"error: report: unknown argument {item!r}; allowed: {allowed}", file=sys.stderr)
+            return 2
+    root = Path(str(options["results_dir"])).expanduser()
+    if not root.is_dir():
+        print(f"error: report --results-dir {root} does not exist (no result store there)", file=sys.stderr)
+        return 2
+    from retrobench.report import write_report
+
+    path = write_report(root, options["out"], options["bench_dir"])
+    print(f"report: {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch a subcommand; returns the exit code (Hydra's own exits pass through)."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -177,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     if command == "list":
         list_configs()
         return 0
+    if command == "report":
+        return report_main(rest)
     if command == "run":
         error = check_group_choices(rest) or check_composition(rest)
         if error:
@@ -184,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         _run_hydra(rest)
         return 0
-    print(f"error: unknown command {command!r}; allowed: run, list, --help", file=sys.stderr)
+    print(f"error: unknown command {command!r}; allowed: run, list, report, --help", file=sys.stderr)
     return 2
 
 

@@ -4,6 +4,9 @@
 captures (mass recall, averaged over sparse layers and steps) and the attention-output error, for
 every selecting/evicting method at several budgets, along a natural text.
 
+``python -m retrobench.studies table --store DIR`` — one table of the ppl / fidelity runs in a
+result store (mean and CI per task, method and budget, wall times, retro - quest paired).
+
 ``python -m retrobench.studies retro`` — RetroAttention against Quest along the full-attention
 greedy output: effective KV exposure for each window, top-1 agreement with full attention and
 mean KL(full || method) of the next-token distributions.
@@ -124,6 +127,60 @@ def study_retro(args: argparse.Namespace) -> None:
     write_table(Path(args.out), "retro_exposure_fidelity", rows, cols, title)
 
 
+#: Per task: the metrics of the one-table summary (``python -m retrobench.studies table``).
+TABLE_METRICS = {"ppl": ("ppl_ratio", "nll"), "fidelity": ("top1_agreement", "kl_full_method", "mass_recall")}
+
+
+def _machine(folder: Path) -> str:
+    """``host, N cores, Python x.y`` of a run (from its env.json)."""
+    import json
+
+    env = json.loads((folder / "env.json").read_text())
+    cores = f", {env['cpu_count']} cores" if env.get("cpu_count") else ""
+    return f"{env.get('hostname', '?')}{cores}, Python {env.get('python', '?')}"
+
+
+def study_table(args: argparse.Namespace) -> None:
+    """One table over a result store: per task, method and budget the mean [95% CI] over samples
+    of each task's metrics, exposure, the runs' wall times and where they ran; plus retro - quest
+    paired on the same samples."""
+    from retrobench.report import cell, paired, runs_table, samples_table, summary
+
+    samples, runs = samples_table(args.store), runs_table(args.store)
+    keys = ["task", "dataset", "label", "budget_fraction"]
+    lines = [f"| {' | '.join(keys)} | n | metrics (mean [95% CI]) | exposure | run wall s | machine |",
+             "|" + "---|" * (len(keys) + 5)]  # fmt: skip
+    for key, group in samples.groupby(keys, dropna=False, sort=True):
+        task = key[0]
+        cells = []
+        for metric in TABLE_METRICS.get(task, ()):
+            st = summary(group, metric=metric)
+            if len(st):
+                r = st.iloc[0]
+                cells.append(f"{metric} {cell(r['mean'], r['ci_low'], r['ci_high'], digits=4)}")
+        exp = summary(group, metric="exposure")
+        exposure = "" if exp.empty else f"{exp.iloc[0]['mean']:.3f}"
+        ran = runs[runs["run"].isin(group["run"].unique())]
+        walls = ", ".join(f"{w:.0f}" for w in sorted(ran["wall_time_s"]))
+        machine = ", ".join(sorted({_machine(Path(args.store) / "runs" / str(r)) for r in ran["run"]}))
+        lines.append(f"| {' | '.join('' if v != v else str(v) for v in key)} | {len(group)} | {'; '.join(cells)} | "
+                     f"{exposure} | {walls} | {machine} |")  # fmt: skip
+    lines += ["", "Paired retro - quest on the same samples (mean [95% CI]; negative ppl_ratio / KL is better):", ""]
+    for (task, budget), group in samples.groupby(["task", "budget_fraction"], sort=True):
+        for label in sorted(set(group["label"]) - {"quest", "full"}):
+            for metric in TABLE_METRICS.get(task, ())[:2]:
+                d = paired(group, a={"label": label}, b={"label": "quest"}, metric=metric)
+                if len(d) and d.iloc[0]["n"] > 0:
+                    r = d.iloc[0]
+                    lines.append(f"- {task}, budget {budget}, {label} - quest, {metric}: "
+                                 f"{cell(r['mean'], r['ci_low'], r['ci_high'], digits=4)} (n={int(r['n'])})")  # fmt: skip
+    text = "\n".join(lines) + "\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(text)
+    print(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="study", required=True)
@@ -141,12 +198,16 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--budgets", nargs="+", type=float, default=[0.05, 0.15])
         p.add_argument("--out", default="results/reference")
         p.add_argument("--set", nargs="*", default=[], help="extra method settings, key=value (YAML values)")
+    table = sub.add_parser("table", help="one table of ppl / fidelity runs in a result store, retro - quest paired")
+    table.add_argument("--store", default="results", help="results_dir of the runs")
+    table.add_argument("--out", default="results/reference")
+    table.set_defaults(set=[])
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
     args.set = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     if args.threads:
         torch.set_num_threads(args.threads)
-    {"mass": study_mass, "retro": study_retro}[args.study](args)
+    {"mass": study_mass, "retro": study_retro, "table": study_table}[args.study](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,468 @@
+"""Plots over the result tables: each function takes a DataFrame and returns a matplotlib Figure.
+
+The frames are :func:`retrobench.report.samples_table` / :func:`retrobench.report.runs_table`
+(or a benchmark CSV for :func:`latency_vs_context`); the functions aggregate themselves (mean and
+95% bootstrap CI per point, :func:`retrobench.report.summary`), so a notebook can pass a filtered
+table straight in. Figures are created without pyplot on the Agg canvas: no global state, no
+display needed, safe in scripts and tests; ``fig.savefig("x.png")`` writes a PNG, and a notebook
+shows a returned figure as usual.
+
+Accuracy-like metrics (:data:`retrobench.report.PERCENT`) are drawn in percent.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from retrobench.metrics import bootstrap_ci
+from retrobench.report import BASES, PERCENT, select, summary
+
+_BUCKET = re.compile(r"^nll_ratio_bucket_(\d+)$")
+#: Method settings a retro run shares with its base (a base run must agree to stand in for w = 1).
+SHARED_WITH_BASE = ("selection", "dense_layers", "min_pages", "budget_fraction", "budget_tokens")
+
+
+def _figure(panels: int = 1, width: float = 5.0, height: float = 3.6) -> tuple[Figure, list[Any]]:
+    cols = max(1, min(panels, 3))
+    rows = max(1, math.ceil(panels / cols))
+    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(max(panels, 1))]
+    return fig, axes
+
+
+def _empty(message: str) -> Figure:
+    fig, (ax,) = _figure()
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+    return fig
+
+
+def _scale(metric: str) -> float:
+    return 100.0 if metric in PERCENT else 1.0
+
+
+def _ylabel(metric: str) -> str:
+    return f"{metric} (%)" if metric in PERCENT else metric
+
+
+def _facets(df: Any, facet: str | None) -> list[tuple[Any, Any]]:
+    if facet is None or facet not in df.columns or df[facet].nunique(dropna=False) <= 1:
+        return [(None, df)]
+    return [(value, group) for value, group in df.groupby(facet, dropna=False, sort=True)]
+
+
+def _errorbar(ax: Any, stats: Any, x: str, metric: str, label: str, **kwargs: Any) -> None:
+    stats = stats.sort_values(x)
+    scale = _scale(metric)
+    mean = stats["mean"].to_numpy(float) * scale
+    low = stats["ci_low"].to_numpy(float) * scale
+    high = stats["ci_high"].to_numpy(float) * scale
+    ax.errorbar(
+        stats[x].to_numpy(float),
+        mean,
+        yerr=[np.maximum(mean - low, 0), np.maximum(high - mean, 0)],
+        marker="o",
+        capsize=3,
+        label=label,
+        **kwargs,
+    )
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+#: Columns that split a line when they vary within a panel (never pool different settings silently).
+SPLIT = ("model", "task", "dataset", "num_questions", "budget_fraction", "budget_tokens")
+
+
+_SHORT_NAMES = {"num_questions": "n", "budget_fraction": "b", "budget_tokens": "budget"}
+
+
+def _series(df: Any, name: str, skip: Sequence[str | None] = (), split: Sequence[str] = SPLIT) -> Any:
+    """``df`` with a ``_series`` column: column ``name``'s value plus ``col=value`` for every
+    ``split`` column (not in ``skip``) that takes more than one value in ``df``."""
+    df = df.copy()
+    base = [str(v) for v in df[name]] if name in df.columns else [""] * len(df)
+    cols = [
+        c
+        for c in split
+        if c in df.columns and c not in skip and c != name and df[c].nunique(dropna=False) > 1
+    ]
+    for col in cols:
+        values = [
+            "-" if v is None or (isinstance(v, float) and math.isnan(v)) else _short(v) for v in df[col]
+        ]
+        base = [f"{b}, {_SHORT_NAMES.get(col, col)}={v}" for b, v in zip(base, values)]
+    df["_series"] = base
+    return df
+
+
+def _legend(ax: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+# ---- accuracy vs budget / window ---------------------------------------------------------------------
+
+
+_XLABELS = {
+    "budget_fraction": "budget (fraction of context)",
+    "budget_tokens": "budget (tokens)",
+    "num_questions": "questions per prompt (n)",
+    "window": "retrospective window w",
+}
+
+
+def metric_vs(
+    df: Any, x: str, metric: str = "accuracy", hue: str = "label", facet: str | None = None
+) -> Figure:
+    """``metric`` (mean, 95% CI over rows) against column ``x``, one line per ``hue`` value (split
+    further by any :data:`SPLIT` column that varies, so different settings are never pooled), one
+    panel per ``facet`` value."""
+    if df.empty or x not in df.columns or metric not in df.columns:
+        return _empty(f"no rows with {x} and {metric}")
+    df = df[df[x].notna() & df[metric].notna()]
+    if df.empty:
+        return _empty(f"no rows with {x} and {metric}")
+    skip = [facet, x]
+    if x.startswith("budget_"):  # the other budget column is null whenever this one is set
+        skip.append("budget_tokens" if x == "budget_fraction" else "budget_fraction")
+    facets = _facets(df, facet)
+    fig, axes = _figure(len(facets))
+    for ax, (value, part) in zip(axes, facets):
+        part = _series(part, hue, skip=skip)
+        for name, group in part.groupby("_series", dropna=False, sort=True):
+            _errorbar(ax, summary(group, [x], metric), x, metric, str(name))
+        ax.set_xlabel(_XLABELS.get(x, x))
+        ax.set_ylabel(_ylabel(metric))
+        ax.set_title(f"{facet}={value}" if value is not None else f"{metric} vs {x}")
+        ax.grid(alpha=0.3)
+        _legend(ax)
+    return fig
+
+
+def accuracy_vs_budget(
+    df: Any,
+    metric: str = "accuracy",
+    hue: str = "label",
+    facet: str | None = None,
+    x: str = "budget_fraction",
+) -> Figure:
+    """``metric`` (mean, 95% CI) against the budget (``budget_fraction``, or ``x="budget_tokens"``),
+    one line per ``hue`` value, one panel per ``facet`` value (e.g. ``"dataset"``)."""
+    return metric_vs(df, x, metric, hue, facet)
+
+
+def accuracy_vs_questions(
+    df: Any, metric: str = "accuracy", hue: str = "label", facet: str | None = None
+) -> Figure:
+    """``metric`` (mean, 95% CI) against LongGenBench's questions per prompt n."""
+    return metric_vs(df, "num_questions", metric, hue, facet)
+
+
+def _strip_window(label: str) -> str:
+    label = str(label)
+    if "(" not in label:
+        return label
+    method, inside = label.split("(", 1)
+    parts = [p for p in inside.rstrip(")").split(", ") if p and not p.startswith("w=")]
+    return f"{method}({', '.join(parts)})" if parts else method
+
+
+def window_frame(df: Any) -> Any:
+    """Rows for window plots: retro rows with their ``window``, plus each retro variant's base runs
+    (same shared settings and budget) as ``window = 1``; ``series`` names the retro variant
+    (its label without ``w=``), e.g. ``retro`` or ``retro(past_query=cached)``."""
+    import pandas as pd
+
+    if df.empty or "method" not in df.columns:
+        return df.assign(series=pd.Series(dtype=object)).iloc[0:0]
+    retro = df[df["method"] == "retro"].copy()
+    if retro.empty:
+        return retro.assign(series=pd.Series(dtype=object))
+    retro["series"] = [_strip_window(v) for v in retro["label"]]
+    frames = [retro]
+    shared = [c for c in SHARED_WITH_BASE if c in df.columns]
+    same = [c for c in ("model", "task", "dataset", "num_questions") if c in df.columns]  # same experiment
+    for (series, base, *values), _ in retro.groupby(
+        ["series", "base", *shared, *same], dropna=False, sort=True
+    ):
+        if base not in BASES:
+            continue
+        base_rows = df[df["method"] == base]
+        for col, value in zip([*shared, *same], values):
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                if col.startswith("budget") or col in same:
+                    base_rows = base_rows[base_rows[col].isna()]
+                continue  # a retro setting left to the base's default (null) accepts any base value
+            base_rows = select(base_rows, {col: value})
+        if not base_rows.empty:
+            frames.append(base_rows.assign(window=1.0, series=series))
+    out = pd.concat(frames, ignore_index=True)
+    return out
+
+
+def _window_plot(
+    df: Any, metric: str, facet: str | None, ylabel: str, split: Sequence[str] = SPLIT
+) -> tuple[Figure, list[Any]] | Figure:
+    frame = window_frame(df)
+    if frame.empty or metric not in frame.columns or frame[metric].notna().sum() == 0:
+        return _empty(f"no retro rows with {metric}")
+    frame = frame[frame[metric].notna()]
+    facets = _facets(frame, facet)
+    fig, axes = _figure(len(facets))
+    for ax, (value, part) in zip(axes, facets):
+        part = _series(part, "series", skip=(facet,), split=split)
+        for name, group in part.groupby("_series", sort=True):
+            _errorbar(ax, summary(group, ["window"], metric), "window", metric, str(name))
+        windows = sorted(part["window"].dropna().unique())
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(windows, [_short(float(w)) for w in windows])
+        ax.set_xlabel("retrospective window w (1 = base method)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{facet}={value}" if value is not None else f"{metric} vs window")
+        ax.grid(alpha=0.3)
+    return fig, axes
+
+
+def accuracy_vs_window(df: Any, metric: str = "accuracy", facet: str | None = None) -> Figure:
+    """``metric`` (mean, 95% CI) against retro's window w, the base method drawn at w = 1; one line
+    per retro variant (and budget), one panel per ``facet`` value."""
+    out = _window_plot(df, metric, facet, _ylabel(metric))
+    if isinstance(out, Figure):
+        return out
+    fig, axes = out
+    for ax in axes:
+        _legend(ax)
+    return fig
+
+
+def exposure_vs_window(df: Any, paper: bool = True, facet: str | None = None) -> Figure:
+    """Effective KV exposure (mean, 95% CI) against w, with the paper's ≈1.17 (w=2) and ≈1.6 (w=8)
+    marked when ``paper``."""
+    from retrobench.paper_numbers import exposure_points
+
+    out = _window_plot(df, "exposure", facet, "effective KV exposure (x own selection)",
+                       split=("model", "budget_fraction", "budget_tokens"))  # fmt: skip
+    if isinstance(out, Figure):
+        return out
+    fig, axes = out
+    for ax in axes:
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        if paper:
+            points = exposure_points()
+            ax.scatter(list(points), list(points.values()), marker="x", s=60, color="black", zorder=5,
+                       label="paper (Llama-3.1-8B)")  # fmt: skip
+        _legend(ax)
+    return fig
+
+
+def exposure_vs_accuracy(df: Any, metric: str = "accuracy", hue: str = "label") -> Figure:
+    """One point per run: mean exposure (x) against mean ``metric`` with its 95% CI (y)."""
+    if df.empty or "exposure" not in df.columns or metric not in df.columns:
+        return _empty(f"no rows with exposure and {metric}")
+    df = df[df["exposure"].notna() & df[metric].notna()]
+    if df.empty:
+        return _empty(f"no rows with exposure and {metric}")
+    fig, (ax,) = _figure()
+    scale = _scale(metric)
+    for name, group in df.groupby(hue, dropna=False, sort=True):
+        xs, ys, lo, hi = [], [], [], []
+        for _, run in group.groupby("run", sort=True):
+            values = run[metric].to_numpy(float)
+            low, high = bootstrap_ci(values)
+            xs.append(float(run["exposure"].mean()))
+            ys.append(float(values.mean()) * scale)
+            lo.append(low * scale)
+            hi.append(high * scale)
+        ys_a = np.asarray(ys)
+        ax.errorbar(xs, ys, yerr=[np.maximum(ys_a - lo, 0), np.maximum(np.asarray(hi) - ys_a, 0)],
+                    fmt="o", capsize=3, label=str(name))  # fmt: skip
+    ax.set_xlabel("effective KV exposure (x own selection)")
+    ax.set_ylabel(_ylabel(metric))
+    ax.set_title(f"{metric} vs exposure (one point per run)")
+    ax.grid(alpha=0.3)
+    _legend(ax)
+    return fig
+
+
+# ---- perplexity over position ------------------------------------------------------------------------
+
+
+def bucket_columns(df: Any) -> list[tuple[int, str]]:
+    """``[(i, "nll_ratio_bucket_<i>")]`` present in ``df`` with at least one value, by i."""
+    found = []
+    for col in getattr(df, "columns", []):
+        match = _BUCKET.match(str(col))
+        if match and df[col].notna().any():
+            found.append((int(match.group(1)), str(col)))
+    return sorted(found)
+
+
+def ppl_ratio_over_position(df: Any, hue: str = "label", facet: str | None = None) -> Figure:
+    """The paper's Figure 1b (right): perplexity ratio to full attention per generated-position
+    bucket (``nll_ratio_bucket_<i>`` columns; mean and 95% CI over rows), one line per ``hue``.
+
+    The x axis is the bucket's last position when ``task.bucket_tokens`` is known, else its index.
+    """
+    buckets = bucket_columns(df)
+    if not buckets:
+        return _empty("no nll_ratio_bucket_<i> columns")
+    size = None
+    if "task.bucket_tokens" in df.columns and df["task.bucket_tokens"].nunique() == 1:
+        size = float(df["task.bucket_tokens"].dropna().iloc[0])
+    facets = _facets(df, facet)
+    fig, axes = _figure(len(facets))
+    for ax, (value, part) in zip(axes, facets):
+        part = _series(part, hue, skip=(facet,))
+        for name, group in part.groupby("_series", dropna=False, sort=True):
+            xs, mean, lo, hi = [], [], [], []
+            for i, col in buckets:
+                values = group[col].to_numpy(float)
+                values = values[np.isfinite(values)]
+                if values.size == 0:
+                    continue
+                low, high = bootstrap_ci(values)
+                xs.append((i + 1) * size if size else i)
+                mean.append(values.mean())
+                lo.append(low)
+                hi.append(high)
+            if xs:
+                ax.plot(xs, mean, marker="o", label=str(name))
+                ax.fill_between(xs, lo, hi, alpha=0.2)
+        ax.axhline(1.0, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel("generated position (tokens)" if size else "position bucket")
+        ax.set_ylabel("perplexity ratio to full attention")
+        ax.set_title(f"{facet}={value}" if value is not None else "perplexity ratio over position")
+        ax.grid(alpha=0.3)
+        _legend(ax)
+    return fig
+
+
+# ---- latency -------------------------------------------------------------------------------------------
+
+
+def latency_series(frame: Any) -> Any:
+    """The benchmark frame with a ``series`` column: method, ``w=`` for retro, ``b=`` when budgets vary."""
+    frame = frame.copy()
+    budgets = frame["budget"].nunique(dropna=False) if "budget" in frame.columns else 1
+    names = []
+    for _, row in frame.iterrows():
+        name = str(row["method"])
+        window = row.get("window")
+        has_window = window is not None and not (isinstance(window, float) and math.isnan(window))
+        if has_window and (name == "retro" or float(window) > 1):
+            name += f" w={_short(float(window))}"
+        if budgets > 1 and row.get("budget") is not None:
+            name += f" b={_short(row['budget'])}"
+        names.append(name)
+    frame["series"] = names
+    return frame
+
+
+def latency_vs_context(frame: Any, metric: str = "p50_ms", facet: str | None = None) -> Figure:
+    """Decode step time (``p50_ms``; band p10–p90 when present) against context length, one line
+    per method (and window / budget); one panel per ``facet`` (default: batch when it varies).
+
+    ``frame`` is a benchmark CSV in long format: columns method, context, p50_ms and optionally
+    budget, window, batch, p10_ms, p90_ms.
+    """
+    if frame.empty or not {"method", "context", metric} <= set(frame.columns):
+        return _empty(f"no method/context/{metric} columns")
+    frame = latency_series(frame)
+    if facet is None and "batch" in frame.columns and frame["batch"].nunique() > 1:
+        facet = "batch"
+    facets = _facets(frame, facet)
+    fig, axes = _figure(len(facets))
+    for ax, (value, part) in zip(axes, facets):
+        for name, group in part.groupby("series", sort=True):
+            group = group.groupby("context", as_index=False).mean(numeric_only=True).sort_values("context")
+            ax.plot(group["context"], group[metric], marker="o", label=str(name))
+            if {"p10_ms", "p90_ms"} <= set(group.columns) and metric == "p50_ms":
+                ax.fill_between(group["context"], group["p10_ms"], group["p90_ms"], alpha=0.2)
+        ax.set_xscale("log", base=2)
+        contexts = sorted(part["context"].dropna().unique())
+        ax.set_xticks(
+            contexts, [f"{int(c) // 1024}K" if c % 1024 == 0 else _short(float(c)) for c in contexts]
+        )
+        ax.minorticks_off()
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("decode step (ms)" if metric.endswith("_ms") else metric)
+        ax.set_title(f"{facet}={value}" if value is not None else "decode step vs context")
+        ax.grid(alpha=0.3)
+        _legend(ax)
+    return fig
+
+
+def decode_time_over_position(df: Any) -> Figure:
+    """Per-step decode time (``ms``) against the generated position (``step``), one line per ``sample``."""
+    if df.empty or not {"step", "ms"} <= set(df.columns):
+        return _empty("no decode steps")
+    fig, (ax,) = _figure()
+    groups = df.groupby("sample", sort=True) if "sample" in df.columns else [("", df)]
+    for name, group in groups:
+        ax.plot(group["step"], group["ms"], lw=0.8, label=str(name))
+    ax.set_xlabel("generated token")
+    ax.set_ylabel("decode step (ms)")
+    ax.set_title("decode time over position")
+    ax.grid(alpha=0.3)
+    if "sample" in df.columns and df["sample"].nunique() <= 8:
+        _legend(ax)
+    return fig
+
+
+def paired_differences(diff: Any, metric: str = "accuracy", by: str | Sequence[str] | None = None) -> Figure:
+    """Paired differences (rows of :func:`retrobench.report.paired`: mean, ci_low, ci_high,
+    label_a, label_b) as points with 95% CIs, zero marked; in pp for percent metrics."""
+    if diff.empty:
+        return _empty("no paired differences")
+    scale = _scale(metric)
+    by = [by] if isinstance(by, str) else list(by or [])
+    names = []
+    for _, row in diff.iterrows():
+        parts = [f"{row['label_a']} − {row['label_b']}"]
+        parts += [f"{_SHORT_NAMES.get(c, c)}={_short(row[c])}" for c in by + ["num_questions", "budget_fraction"]
+                  if c in diff.columns
+                  and row[c] is not None and not (isinstance(row[c], float) and math.isnan(row[c]))]  # fmt: skip
+        names.append(", ".join(dict.fromkeys(parts)))
+    mean = diff["mean"].to_numpy(float) * scale
+    low = diff["ci_low"].to_numpy(float) * scale
+    high = diff["ci_high"].to_numpy(float) * scale
+    fig = Figure(figsize=(7, 0.9 + 0.35 * len(diff)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ys = np.arange(len(diff))[::-1]
+    ax.errorbar(mean, ys, xerr=[np.maximum(mean - low, 0), np.maximum(high - mean, 0)], fmt="o", capsize=3)
+    ax.axvline(0.0, color="grey", lw=0.8, ls=":")
+    ax.set_yticks(ys, names, fontsize=8)
+    ax.set_xlabel(f"paired difference in {metric}" + (" (pp)" if metric in PERCENT else ""))
+    ax.grid(alpha=0.3, axis="x")
+    return fig
+
+
+__all__ = [
+    "accuracy_vs_budget",
+    "accuracy_vs_questions",
+    "accuracy_vs_window",
+    "bucket_columns",
+    "decode_time_over_position",
+    "exposure_vs_accuracy",
+    "exposure_vs_window",
+    "latency_series",
+    "latency_vs_context",
+    "metric_vs",
+    "paired_differences",
+    "ppl_ratio_over_position",
+    "window_frame",
+]
