@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 #: Top-level config keys that never change results and so are left out of the run hash.
-EXCLUDED_KEYS = ("device", "logger", "results_dir", "overwrite", "hydra")
+EXCLUDED_KEYS = ("device", "logger", "results_dir", "overwrite", "hydra", "gpu_pool")
 
 CONFIG_FILE, ENV_FILE, SAMPLES_FILE, METRICS_FILE = "config.yaml", "env.json", "samples.jsonl", "metrics.json"
 
@@ -116,11 +116,32 @@ def environment(backend: str, device: str) -> dict[str, Any]:
     if str(device).startswith("cuda"):
         import torch
 
+        from retrobench.gpus import gpu_info
+
         if torch.cuda.is_available():
             env["device_name"] = torch.cuda.get_device_name(torch.device(device))
             env["cuda"] = torch.version.cuda
+            env.update(gpu_info(str(device)))  # gpu_index, gpu_name, gpu_uuid, gpu_memory_gb
         env["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    env.update(_job_info())
     return env
+
+
+def _job_info() -> dict[str, Any]:
+    """The Hydra launcher and job number that ran this run, and the process id (scaling out)."""
+    info: dict[str, Any] = {"pid": os.getpid()}
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra = HydraConfig.get()
+    except (ImportError, ValueError):  # not inside a Hydra app
+        return info
+    info["launcher"] = hydra.runtime.choices.get("hydra/launcher")
+    info["job_num"] = hydra.job.get("num")
+    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        if os.environ.get(var):
+            info[var.lower()] = os.environ[var]
+    return info
 
 
 def write_env(path: Path, backend: str, device: str) -> dict[str, Any]:
@@ -133,8 +154,9 @@ def write_env(path: Path, backend: str, device: str) -> dict[str, Any]:
         except (OSError, ValueError):
             first = None
         if isinstance(first, dict):
-            keep = ("git_sha", "git_dirty", "hostname", "device", "device_name", "backend", "timestamp")
-            first.setdefault("resumes", []).append({k: env[k] for k in keep})
+            keep = ("git_sha", "git_dirty", "hostname", "device", "device_name", "gpu_uuid", "backend",
+                    "launcher", "timestamp")  # fmt: skip
+            first.setdefault("resumes", []).append({k: env.get(k) for k in keep})
             env = first
     _atomic_write(file, json.dumps(env, indent=2, default=str) + "\n")
     return env

@@ -12,6 +12,11 @@ fidelity to full attention: :mod:`retrobench.modes`; full-attention references a
 ``<results_dir>/reference/``), appends one fsync'ed JSON line per sample, and writes
 ``metrics.json`` when every sample is done (see :mod:`retrobench.results` and
 :mod:`retrobench.metrics`).
+
+Jobs of one multirun share their process (Hydra's basic launcher runs them one after another;
+a joblib worker runs several), so the last loaded model is kept per process and reused by the
+next job with the same model, device and dtype (:func:`load_model_cached`). Under a parallel
+launcher each job on ``device: cuda`` claims a whole free GPU first (:mod:`retrobench.gpus`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from retrobench import results
+from retrobench import gpus, results
 from retrobench.metrics import aggregate
 from retrobench.modes import RunContext, encode_prompt, run_sample, sample_seed
 from retrobench.reference import ReferenceStore
@@ -125,11 +130,53 @@ def check_prompt_lengths(task: Any, samples: list[Any], tokenizer: Any, max_cont
             )
 
 
+#: ``{key: (model, tokenizer)}`` of the one model this process holds (see :func:`load_model_cached`).
+_LOADED: dict[str, tuple[Any, Any]] = {}
+
+
+def load_model_cached(model_cfg: DictConfig, device: str, dtype: Any) -> tuple[Any, Any]:
+    """:func:`retrobench.models.load_model`, reusing this process's last model when it is the same.
+
+    Only one model is kept: loading another frees the previous one first (a GPU never holds two).
+    The engine never changes the model's weights, so reuse across runs is exact.
+    """
+    import json
+
+    from retrobench.models import load_model
+
+    key = json.dumps(
+        [OmegaConf.to_container(model_cfg, resolve=True), str(device), dtype], sort_keys=True, default=str
+    )
+    if key not in _LOADED:
+        release_model()
+        _LOADED[key] = load_model(model_cfg, device=device, dtype=dtype)
+    return _LOADED[key]
+
+
+def release_model() -> None:
+    """Free the model this process holds (and its GPU memory)."""
+    if not _LOADED:
+        return
+    import gc
+
+    import torch
+
+    _LOADED.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def main(cfg: DictConfig) -> None:
     """Hydra task function (see :mod:`retrobench.cli`)."""
     hydra_dir = _hydra_output_dir()
     try:
-        execute(cfg)
+        with gpus.assigned(cfg) as gpu:  # a parallel launcher's job takes a whole free GPU first
+            try:
+                execute(cfg)
+            finally:
+                if gpu is not None and gpus.oversubscribed():  # another worker may take this GPU next
+                    release_model()
     finally:
         _remove_empty(hydra_dir, Path(str(cfg.results_dir)))
 
@@ -149,12 +196,12 @@ def execute(cfg: DictConfig) -> Path | None:
         return folder
 
     from retrobench.engine import Engine
-    from retrobench.models import ModelConfigError, eos_token_ids, load_model
+    from retrobench.models import ModelConfigError, eos_token_ids
 
     seed = int(cfg.seed)
     seed_everything(seed)
     try:
-        model, tokenizer = load_model(cfg.model, device=str(cfg.device), dtype=cfg.engine.dtype)
+        model, tokenizer = load_model_cached(cfg.model, str(cfg.device), cfg.engine.dtype)
         engine = Engine(
             model,
             method,
@@ -241,7 +288,10 @@ def execute(cfg: DictConfig) -> Path | None:
     }
     results.write_json(folder / results.METRICS_FILE, record)
     if wandb_run is not None:
+        from retrobench.report import log_run_to_wandb
+
         wandb_run.summary.update({k: v for k, v in summary["metrics"].items() if v is not None})
+        log_run_to_wandb(wandb_run, folder)  # the run's plots (decode time, ppl ratio by position)
         wandb_run.finish()
     headline = {
         "teacher_forced": ("nll", "ppl", "ppl_ratio"),

@@ -156,6 +156,8 @@ def validate(cfg: DictConfig) -> tuple[Any, Any]:
     if not isinstance(cfg.get("seed"), int):
         raise RunConfigError(f"seed must be an integer, got {cfg.get('seed')}")
     check_engine(cfg.engine, str(cfg.device))
+    if cfg.get("gpu_pool", "auto") not in ("auto", True, False):
+        raise RunConfigError(f"gpu_pool={cfg.get('gpu_pool')} is not allowed; allowed: auto, true, false")
     check_context(cfg, task)
     try:
         check_model_available(cfg.model)
