@@ -10,7 +10,7 @@ export PYTHONSAFEPATH := 1
 TEST_ENV := TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow test-gpu clean
+.PHONY: help install run test test-slow test-gpu bench clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP) ## create .venv and install retrobench (again only when pyproject.toml changes)
 
-run: install ## run one experiment: make run ARGS="method=quest task.num_samples=2" (default: smollm2_135m, retro, synthetic)
+run: install ## run one experiment: make run ARGS="method=quest task.num_samples=2" (default: smollm2_135m, retro, longgenbench)
 	$(PY) -m retrobench run $(ARGS)
 
 test: install ## CPU test suite (offline, Triton interpreter, no gpu/slow tests)
@@ -39,6 +39,21 @@ test-slow: install ## long end-to-end tests (experiments, sweeps)
 test-gpu: install ## GPU tests (run on the GPU machine; real Triton, no interpreter)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -m gpu -q
 
+bench: install ## benchmarks: on a GPU the triton decode step vs its floor (results/bench/decode.*), on CPU engine vs HF generate
+	if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		$(PY) -m retrobench.bench_decode $(ARGS); else $(PY) -m retrobench.bench $(ARGS); fi
+
 clean: ## remove caches (keeps .venv and results/)
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 	rm -rf .pytest_cache .hypothesis
+
+# ---- reproducing the paper (conf/reproduce.yaml; retrobench/reproduce.py) ----
+PROFILE ?=
+ONLY ?=
+.PHONY: reproduce reproduce-plan
+
+reproduce: install ## the paper's tables and figures + report, resumable: make reproduce [PROFILE=small|paper] [ONLY=a,b] [ARGS="hydra/launcher=local_gpus"]
+	$(PY) -m retrobench.reproduce $(if $(PROFILE),--profile $(PROFILE)) $(if $(ONLY),--only $(ONLY)) $(ARGS)
+
+reproduce-plan: install ## what `make reproduce` would run and what is finished (runs nothing)
+	$(PY) -m retrobench.reproduce --dry-run $(if $(PROFILE),--profile $(PROFILE)) $(if $(ONLY),--only $(ONLY)) $(ARGS)

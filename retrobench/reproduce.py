@@ -1,0 +1,414 @@
+"""``make reproduce``: run every paper artefact as a Hydra multirun, resumably, then write the report.
+
+``python -m retrobench.reproduce [--profile small|paper|tiny] [--only NAME,...] [--dry-run]
+[--results-dir DIR] [--no-report] [--list FILE] [OVERRIDE ...]``
+
+The list of artefacts is ``conf/reproduce.yaml``: each entry names an experiment overlay
+(``conf/experiment/``) and a grid (``conf/sweep/``). A *profile* of the same file adapts every
+entry to a machine without changing the list: ``paper`` runs the hub models on a GPU; ``small``
+(the default without a GPU) runs everything on ``smollm2_135m`` with offline data and shortened
+lengths; ``tiny`` runs on ``tiny_random`` for tests. For each entry the driver runs
+
+    python -m retrobench run -m experiment=<experiment> <grid axes> <profile overrides> [OVERRIDE ...]
+
+as a Hydra multirun inside its own process, so the model stays loaded from one run and one entry
+to the next (extra ``OVERRIDE`` s, e.g. ``hydra/launcher=local_gpus``, go to every run). It numbers
+the runs as they finish, does not launch an entry whose runs are all finished (every Qwen entry of
+the small profile, where the model is replaced, shares its runs with the main table), and goes on
+to the next entry when one fails. Resumability comes from the result store: a run whose
+``metrics.json`` exists is skipped and a killed run resumes at its next sample, so killing the
+driver at any point and starting it again loses nothing and repeats nothing. At the end it writes
+the report (``python -m retrobench report``) unless ``--no-report``; the exit code is non-zero when
+an entry or the report failed (130 when interrupted).
+
+``--dry-run`` prints each entry's command and how many of its runs are distinct, shared with an
+earlier entry, and already finished (it composes every grid point; it runs nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from retrobench.cli import conf_dir
+
+LIST_FILE = "reproduce.yaml"
+OFFLINE_TOKEN = "{offline_data}"
+OFFLINE_FOLDER = "offline"
+
+
+@dataclass
+class Entry:
+    """One artefact of the list: its experiment overlay, its grid and the profile's overrides."""
+
+    name: str
+    experiment: str
+    sweep: str
+    task: str
+    axes: dict[str, str] = field(default_factory=dict)  # key -> Hydra sweep value ("a,b", "range(1,9)")
+    overrides: list[str] = field(default_factory=list)  # fixed key=value overrides
+
+    def args(self, results_dir: str, extra: list[str]) -> list[str]:
+        """Everything after ``python -m retrobench run``; an ``extra`` override replaces the axis or the
+        fixed override of its key (``seed=0`` runs one seed, ``seed=0,1,2,3,4`` five)."""
+        mine = {_key(o) for o in extra}
+        axes = [f"{k}={v}" for k, v in self.axes.items() if k not in mine]
+        fixed = [o for o in self.overrides if _key(o) not in mine]
+        return ["-m", f"experiment={self.experiment}", *axes, *fixed, f"results_dir={results_dir}", *extra]
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def load_list(path: Path | None = None) -> dict[str, Any]:
+    """The list file (default ``conf/reproduce.yaml``) as plain data."""
+    return OmegaConf.to_container(OmegaConf.load(path or conf_dir() / LIST_FILE))  # type: ignore[return-value]
+
+
+def experiment_task(experiment: str, root: Path | None = None) -> str:
+    """The task group choice that ``experiment=<experiment>`` selects."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(root or conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    return str(cfg.hydra.runtime.choices.task)
+
+
+def sweep_axes(sweep: str, root: Path | None = None) -> dict[str, str]:
+    """``hydra.sweeper.params`` of ``conf/sweep/<sweep>.yaml`` (key -> sweep value string)."""
+    data = OmegaConf.load((root or conf_dir()) / "sweep" / f"{sweep}.yaml")
+    params = OmegaConf.select(data, "hydra.sweeper.params") or {}
+    return {str(k): str(v) for k, v in params.items()}
+
+
+def entries(
+    profile: str, only: list[str] | None = None, root: Path | None = None, list_file: Path | None = None
+) -> list[Entry]:
+    """The list's entries adapted to ``profile`` (in list order; ``only`` keeps those names).
+
+    ``root`` is the config folder (default: the installed ``retrobench.conf``); ``list_file`` the
+    list (default ``<root>/reproduce.yaml``).
+    """
+    spec = load_list(list_file or (root or conf_dir()) / LIST_FILE)
+    profiles = spec.get("profiles") or {}
+    if profile not in profiles:
+        raise SystemExit(f"error: --profile {profile} is not a profile; allowed: {', '.join(profiles)}")
+    prof = profiles[profile] or {}
+    names = [e["name"] for e in spec["experiments"]]
+    unknown = [n for n in only or [] if n not in names]
+    if unknown:
+        raise SystemExit(f"error: --only {','.join(unknown)} is not in the list; allowed: {', '.join(names)}")
+    out = []
+    for item in spec["experiments"]:
+        if only and item["name"] not in only:
+            continue
+        experiment = item.get("experiment", item["name"])
+        task = experiment_task(experiment, root)
+        axes = sweep_axes(item.get("sweep", experiment), root)
+        own = (prof.get("entries") or {}).get(item["name"]) or {}
+        for key, value in {**(prof.get("axes") or {}), **(own.get("axes") or {})}.items():
+            if key in axes:
+                axes[key] = str(value)
+        fixed = [
+            *(prof.get("overrides") or []),
+            *((prof.get("task") or {}).get(task) or []),
+            *(own.get("overrides") or []),
+        ]
+        fixed = list({_key(o): o for o in fixed if _key(o) not in axes}.values())  # the last of a key wins
+        out.append(Entry(item["name"], experiment, item.get("sweep", experiment), task, axes, fixed))
+    return out
+
+
+def default_profile() -> str:
+    """``paper`` when a CUDA GPU is visible, else ``small``."""
+    try:
+        import torch
+
+        return "paper" if torch.cuda.is_available() else "small"
+    except ImportError:  # pragma: no cover
+        return "small"
+
+
+# ---- offline stand-in data -------------------------------------------------------------------------
+
+
+def write_offline_data(folder: Path, questions: int = 30) -> None:
+    """Offline stand-ins for the reasoning benchmarks, as ``task.source=local`` JSONL files.
+
+    ``aime24.jsonl``: templated two-step arithmetic word problems with integer answers;
+    ``gpqa_diamond.jsonl``: 4-option questions (categories, capitals, sums ...). Both come from the
+    LongGenBench synthetic generators (exact answers), seeded, so the files are identical on every
+    machine and rewritten only when missing.
+    """
+    from retrobench.tasks.longgenbench_data import choice_problem, gsm8k_problem
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "aime24.jsonl"
+    if not path.is_file():
+        rng = random.Random("retrobench.reproduce/aime24")
+        rows = []
+        for i in range(questions):
+            item = gsm8k_problem(rng)
+            rows.append({"id": f"offline-aime24-{i}", "question": item.text, "answer": item.gold})
+        _write_jsonl(path, rows)
+    path = folder / "gpqa_diamond.jsonl"
+    if not path.is_file():
+        rng = random.Random("retrobench.reproduce/gpqa")
+        rows = []
+        for i in range(questions):
+            item = choice_problem(rng, "ABCD")
+            question, _, options = item.text.rpartition("\n")
+            choices = [part.split(") ", 1)[1].strip() for part in options.split(" (") if ") " in part]
+            if len(choices) != 4:
+                continue
+            rows.append(
+                {"id": f"offline-gpqa-{i}", "question": question, "choices": choices, "answer": item.gold}
+            )
+        _write_jsonl(path, rows)
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _substitute(entry: Entry, offline: Path) -> Entry:
+    entry.overrides = [o.replace(OFFLINE_TOKEN, str(offline)) for o in entry.overrides]
+    return entry
+
+
+# ---- planning ------------------------------------------------------------------------------------
+
+
+def grid(entry: Entry, results_dir: str, extra: list[str]) -> list[list[str]]:
+    """The override list of every job of the entry's multirun (Hydra's own sweep expansion)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in entry.args(results_dir, extra) if a != "-m"]
+    parsed = OverridesParser.create().parse_overrides(args)
+    (batch,) = BasicSweeper.split_arguments(parsed, None)
+    return batch
+
+
+def run_folders(entry: Entry, results_dir: str, extra: list[str]) -> list[Path]:
+    """The result-store folder of every job of the entry (composes each job's config; runs nothing)."""
+    from hydra import compose, initialize_config_dir
+
+    from retrobench import results
+
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return [
+            results.run_dir(compose("config", overrides=[o for o in job if not o.startswith("hydra")]))
+            for job in grid(entry, results_dir, extra)
+        ]
+
+
+def plan(items: list[Entry], results_dir: str, extra: list[str]) -> list[dict[str, int]]:
+    """Per entry: jobs, distinct runs first seen here, runs shared with earlier entries, finished runs."""
+    from retrobench import results
+
+    seen: set[Path] = set()
+    out = []
+    for entry in items:
+        folders = run_folders(entry, results_dir, extra)
+        new = [f for f in dict.fromkeys(folders) if f not in seen]
+        seen.update(new)
+        out.append(
+            {
+                "jobs": len(folders),
+                "new": len(new),
+                "shared": len(folders) - len(new),
+                "finished": sum(results.finished(f) for f in new),
+            }
+        )
+    return out
+
+
+# ---- running --------------------------------------------------------------------------------------
+
+
+def _fmt(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+class _Relay(io.TextIOBase):
+    """stdout while an entry runs: numbers the runs' ``done:`` lines, counts ``skip:`` lines, drops
+    Hydra's per-job launch lines, and passes everything else through."""
+
+    def __init__(self, out: Any, entry: Entry, jobs: int, started: float) -> None:
+        self.out, self.entry, self.jobs, self.started = out, entry, jobs, started
+        self.buffer_text, self.done, self.skipped = "", 0, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        self.buffer_text += text
+        while "\n" in self.buffer_text:
+            line, self.buffer_text = self.buffer_text.split("\n", 1)
+            self._line(line)
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def _line(self, line: str) -> None:
+        if line.startswith("skip:"):
+            self.skipped += 1
+            return
+        if "[HYDRA]" in line:
+            return
+        if line.startswith("done:"):
+            self.done += 1
+            _, folder, *rest = line.split()
+            count = self.done + self.skipped
+            self.out.write(
+                f"  [{self.entry.name} {count}/{self.jobs}] {Path(folder).name} {' '.join(rest)}"
+                f"  ({_fmt(time.perf_counter() - self.started)} total)\n"
+            )
+        else:
+            self.out.write(line + "\n")
+        self.out.flush()
+
+
+def run_entry(
+    entry: Entry, index: int, total: int, results_dir: str, extra: list[str], started: float
+) -> int:
+    """Run one entry as a Hydra multirun in this process; returns its exit code (0 when ok).
+
+    Jobs share this process, so a model stays loaded across entries (``retrobench.run``'s cache).
+    An entry whose runs are all finished (e.g. shared with earlier entries) is not launched.
+    """
+    from retrobench import cli, results
+
+    folders = run_folders(entry, results_dir, extra)
+    todo = [f for f in dict.fromkeys(folders) if not results.finished(f)]
+    head = f"[{index}/{total}] {entry.name}: {len(folders)} runs"
+    if not todo:
+        print(f"{head}, all finished (or shared with earlier entries): nothing to run", flush=True)
+        return 0
+    print(f"{head}, {len(todo)} to run", flush=True)
+    args = ["run", *entry.args(results_dir, extra)]
+    print("  $ python -m retrobench " + " ".join(_quote(a) for a in args), flush=True)
+    t0 = time.perf_counter()
+    relay = _Relay(sys.stdout, entry, len(folders), started)
+    saved = sys.stdout
+    sys.stdout = relay  # type: ignore[assignment]
+    try:
+        code = cli.main(args)
+    except SystemExit as exc:  # a job's config error (exit 2), Hydra's own failures (exit 1), Ctrl-C (130)
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.stdout = saved
+    if code == 0 and any(not results.finished(f) for f in folders):
+        code = 1
+    state = "ok" if code == 0 else f"FAILED (exit {code})"
+    print(
+        f"[{index}/{total}] {entry.name}: {state}, {relay.done} run, {relay.skipped} skipped, "
+        f"{_fmt(time.perf_counter() - t0)}",
+        flush=True,
+    )
+    return code
+
+
+def report(results_dir: str) -> int:
+    """``python -m retrobench report`` over ``results_dir`` (a subprocess); returns its exit code."""
+    cmd = [sys.executable, "-m", "retrobench", "report", f"results_dir={results_dir}"]
+    print("report: $ python " + " ".join(_quote(c) for c in cmd[1:]), flush=True)
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}  # the checkout's kernels/ never shadows the PyPI package
+    return subprocess.run(cmd, env=env, check=False).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m retrobench.reproduce",
+        description="Run the paper's artefacts (conf/reproduce.yaml) as resumable Hydra multiruns, then the report.",
+    )
+    parser.add_argument(
+        "--profile", default=None, help="paper | small | tiny (default: paper with a GPU, else small)"
+    )
+    parser.add_argument("--only", default=None, help="comma-separated entry names of conf/reproduce.yaml")
+    parser.add_argument("--results-dir", default="results", help="result store root (default: results)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the plan and what is finished; run nothing"
+    )
+    parser.add_argument(
+        "--no-report", action="store_true", help="skip `python -m retrobench report` at the end"
+    )
+    parser.add_argument("--list", default=None, help="another list file in the format of conf/reproduce.yaml")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="extra Hydra overrides for every run, e.g. hydra/launcher=local_gpus; one of a grid's keys "
+        "replaces that axis (seed=0: one seed)",
+    )
+    args = parser.parse_args(argv)
+
+    profile = args.profile or default_profile()
+    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    results_dir = str(Path(args.results_dir).expanduser().resolve())
+    offline = Path(results_dir) / OFFLINE_FOLDER
+    list_file = Path(args.list).expanduser().resolve() if args.list else None
+    items = [_substitute(e, offline) for e in entries(profile, only, list_file=list_file)]
+    if any(OFFLINE_TOKEN in o or str(offline) in o for e in items for o in e.overrides):
+        write_offline_data(offline)
+
+    print(f"reproduce: profile={profile}, {len(items)} experiments, results in {results_dir}", flush=True)
+    if args.dry_run:
+        for i, (entry, counts) in enumerate(zip(items, plan(items, results_dir, args.overrides)), 1):
+            print(
+                f"[{i}/{len(items)}] {entry.name} (task={entry.task}): {counts['jobs']} runs = "
+                f"{counts['new']} distinct ({counts['finished']} finished) + {counts['shared']} shared with earlier entries"
+            )
+            args_ = ["run", *entry.args(results_dir, args.overrides)]
+            print("  $ python -m retrobench " + " ".join(_quote(a) for a in args_))
+        return 0
+
+    started = time.perf_counter()
+    failed = []
+    for i, entry in enumerate(items, 1):
+        try:
+            code = run_entry(entry, i, len(items), results_dir, args.overrides, started)
+        except KeyboardInterrupt:
+            code = 130
+        if code == 130:  # interrupted: finished runs and samples are kept; the same command resumes
+            print("reproduce: interrupted; rerun the same command to resume", flush=True)
+            return 130
+        if code != 0:
+            failed.append(entry.name)
+    code = 0
+    if not args.no_report:
+        code = report(results_dir)
+        if code != 0:
+            print(f"report: FAILED (exit {code})", flush=True)
+    print(
+        f"reproduce: {len(items) - len(failed)}/{len(items)} experiments ok in {_fmt(time.perf_counter() - started)}"
+        + (f"; failed: {', '.join(failed)} (rerun the same command to retry them)" if failed else ""),
+        flush=True,
+    )
+    return 1 if failed or code else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
