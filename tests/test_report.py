@@ -281,6 +281,24 @@ def _acc(name: str, dataset: str, ns=(15,), seeds=(0,), budget=0.15) -> list[flo
 # ---- tables -------------------------------------------------------------------------------------------
 
 
+def test_labels_name_the_settings_that_vary_within_a_task() -> None:
+    from retrobench.report.load import _labels
+
+    rows = [
+        {"method": "quest", "task": "longgenbench", "engine.temperature": 0.0, "budget_fraction": 0.15},
+        {"method": "quest", "task": "longgenbench", "engine.temperature": 0.0, "budget_fraction": 0.05},
+        {"method": "quest", "task": "reasoning", "engine.temperature": 0.6, "budget_fraction": 0.15},
+        {"method": "quest", "task": "ppl", "engine.page_size": 16},
+        {"method": "quest", "task": "ppl", "engine.page_size": 32},
+        {"method": "retro", "task": "reasoning", "engine.temperature": 0.6, "window": 2, "base": "quest"},
+        {"method": "retro", "task": "reasoning", "engine.temperature": 0.6, "window": 2, "base": "infllm"},
+    ]
+    _labels(rows)
+    assert [r["label"] for r in rows] == [
+        "quest", "quest", "quest", "quest(engine.page_size=16)", "quest(engine.page_size=32)",
+        "retro(w=2, base=quest)", "retro(w=2, base=infllm)"]  # fmt: skip
+
+
 def test_runs_and_samples_tables(store, tables) -> None:
     _, hashes = store
     runs, samples = tables

@@ -93,8 +93,10 @@ def _run_record(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _labels(rows: list[dict[str, Any]]) -> None:
-    """Set ``label``: the method plus every method or engine setting that differs between its runs
-    (in place), e.g. ``retro(w=2, past_query=cached)`` or ``quest(engine.page_size=32)``.
+    """Set ``label``: the method plus every method or engine setting that differs between its runs of
+    one task (in place), e.g. ``retro(w=2, past_query=cached)`` or ``quest(engine.page_size=32)``.
+    Settings are compared within a task: the reasoning runs' sampling temperature does not relabel
+    the LongGenBench runs.
 
     Retro labels always carry the window (``retro(w=2)``) and the base when it is not quest.
     """
@@ -102,8 +104,8 @@ def _labels(rows: list[dict[str, Any]]) -> None:
     ignore |= {"backend", "device", *_NOT_IN_LABEL}
     by_method: dict[Any, list[dict[str, Any]]] = {}
     for row in rows:
-        by_method.setdefault(row["method"], []).append(row)
-    for method, group in by_method.items():
+        by_method.setdefault((row.get("task"), row["method"]), []).append(row)
+    for (_, method), group in by_method.items():
         keys = list(dict.fromkeys(
             k for r in group for k in r if k not in ignore and not k.startswith(("task.", "env."))
         ))  # fmt: skip
