@@ -66,3 +66,26 @@ def run_cli(tmp_path: Path, *overrides: str) -> tuple[dict, Path]:
     assert proc.returncode == 0, proc.stderr
     (metrics_file,) = (results / "runs").glob("*/metrics.json")
     return json.loads(metrics_file.read_text()), results
+
+
+def kill_when(proc, ready, timeout: float, what: str = "the process") -> None:
+    """SIGKILL ``proc`` (its process group when it leads one) as soon as ``ready()`` holds.
+
+    Fails when ``proc`` ends first or ``ready()`` does not hold within ``timeout`` seconds; always
+    reaps ``proc``. The kill-and-resume tests use it to stop a run at a chosen point.
+    """
+    import signal
+    import time
+
+    deadline = time.time() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, f"{what} ended before it could be killed"
+            assert time.time() < deadline, f"{what} did not reach the kill point in {timeout:.0f} s"
+            time.sleep(0.01)
+        if os.getpgid(proc.pid) == proc.pid:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import kill_when
 
 SMALL = ["model=tiny_random", "task=synthetic", "task.context_tokens=320", "task.num_queries=2"]
 
@@ -102,17 +101,12 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline:
-            files = list((results / "runs").glob("*/samples.jsonl")) if (results / "runs").exists() else []
-            if files and files[0].read_text().count("\n") >= 1:
-                break
-            assert proc.poll() is None, "run ended before it could be killed"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
+
+    def ready() -> bool:  # one sample written
+        files = list((results / "runs").glob("*/samples.jsonl")) if (results / "runs").exists() else []
+        return bool(files) and files[0].read_text().count("\n") >= 1
+
+    kill_when(proc, ready, 120, "the run")
     folder = _run_folder(results)
     assert not (folder / "metrics.json").exists(), "run finished before the kill; make it longer"
     killed = len(_rows(folder))

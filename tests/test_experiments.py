@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import kill_when
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -94,7 +93,9 @@ def test_extra_overrides_replace_an_axis_or_a_fixed_value(tmp_path: Path) -> Non
     args = entry.args(str(tmp_path), ["seed=0", "task.num_questions=3", "hydra/launcher=local_gpus"])
     assert [a for a in args if a.startswith("seed=")] == ["seed=0"]
     assert [a for a in args if a.startswith("task.num_questions=")] == ["task.num_questions=3"]
-    assert len(reproduce.grid(entry, str(tmp_path), ["seed=0"])) == 2 * 6
+    fractions = entry.axes["method.budget.fraction"].split(",")
+    assert len(fractions) == 3  # the small profile's axis replaced the paper's 6 fractions
+    assert len(reproduce.grid(entry, str(tmp_path), ["seed=0"])) == 2 * len(fractions)
 
 
 def test_paper_profile_keeps_the_paper_settings() -> None:
@@ -185,19 +186,12 @@ def test_killed_reproduce_resumes_without_repeating_or_losing(tmp_path: Path) ->
     list_file.write_text(KILL_LIST)
     proc = subprocess.Popen(_driver(list_file, results), cwd=tmp_path, env=_env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:
-            state = _state(results)
-            if any(done for done, _ in state.values()) and any(
-                ids and not done for done, ids in state.values()
-            ):
-                break
-            assert proc.poll() is None, "the driver ended before it could be killed"
-            time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
+
+    def ready() -> bool:  # at least one run finished and another half done
+        state = _state(results).values()
+        return any(done for done, _ in state) and any(ids and not done for done, ids in state)
+
+    kill_when(proc, ready, 240, "the driver")
     before = _state(results)
     finished = {k for k, (done, _) in before.items() if done}
     partial = {k: ids for k, (done, ids) in before.items() if not done and ids}
