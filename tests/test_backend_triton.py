@@ -71,3 +71,29 @@ def test_teacher_forced_logits_match_with_a_changing_selection(tiny_random) -> N
 def test_uncovered_settings_are_rejected_by_name(tiny_random, make, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         Engine(tiny_random[0], make(), backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_triton_backend_on_the_gpu_generates_the_reference_tokens(tiny_random, case: str, cuda_graphs: bool) -> None:
+    """The same on the GPU (native Triton, the captured CUDA-graph step and the eager one) against
+    ``backend=torch`` on the GPU; fp32 with TF32 off so both sides round alike."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    import copy
+
+    model = copy.deepcopy(tiny_random[0]).to("cuda")
+    prompt = _prompt(77)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        runs = {}
+        for backend in ("torch", "triton"):
+            engine = Engine(model, CASES[case](), page_size=8, prefill_chunk=32, backend=backend,
+                            cuda_graphs=cuda_graphs)  # fmt: skip
+            runs[backend] = engine.generate(prompt, 14, keep_logits=True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert runs["triton"].tokens == runs["torch"].tokens
+    torch.testing.assert_close(runs["triton"].logits, runs["torch"].logits, rtol=1e-4, atol=1e-4)
