@@ -131,7 +131,8 @@ def _sample(run: dict[str, Any], i: int, label: str) -> dict[str, Any]:
     if run["task"] == "longgenbench":
         n, correct = run["n"], run["correct"][i]
         sid = f"longgenbench-{run['dataset']}-synthetic-n{n}-s{run['seed']}-{i}"
-        score = {"accuracy": correct / n, "completion": 1.0, "answered": n, "correct": correct}
+        answered = max(correct, n - i)  # sample i leaves i questions unanswered
+        score = {"accuracy": correct / n, "completion": answered / n, "answered": answered, "correct": correct}
     elif run["task"] == "ppl":
         sid = f"ppl-stdlib-{i}"
         ratios = PPL[run["name"]][i]
@@ -447,6 +448,11 @@ def test_write_report_files_and_numbers(store, tmp_path: Path) -> None:
     ].iloc[0]
     assert row["mean"] == pytest.approx(np.mean([c / 15 for c in CORRECT[("retro2", "csqa")]]))
     assert f"{100 * row['mean']:.1f} [" in text
+    done = pd.read_csv(out / "tables" / "longgenbench_completion.csv")
+    comp = done[(done["label"] == "retro(w=2)") & (done["dataset"] == "csqa")].iloc[0]
+    expected = [max(c, r["n"] - i) / r["n"] for r in _runs() if (r["name"], r["dataset"]) == ("retro2", "csqa")
+                for i, c in enumerate(r["correct"])]  # fmt: skip
+    assert comp["mean"] == pytest.approx(np.mean(expected)) and comp["mean"] < 1
     paired = pd.read_csv(out / "tables" / "longgenbench_paired.csv")
     p = paired[
         (paired["dataset"] == "csqa") & (paired["num_questions"] == 15) & (paired["label_a"] == "retro(w=2)")

@@ -94,7 +94,7 @@ def runs_overview(w: _Writer, runs: Any, samples: Any) -> None:
 
 
 def longgenbench(w: _Writer, lgb: Any) -> None:
-    """``## LongGenBench accuracy``: accuracy by method, pooled over n, and retro − base."""
+    """``## LongGenBench accuracy``: accuracy by method, pooled over n, completion, and retro − base."""
     from retrobench import plots
 
     w.text("## LongGenBench accuracy")
@@ -120,6 +120,18 @@ def longgenbench(w: _Writer, lgb: Any) -> None:
                 "longgenbench_accuracy_pooled",
                 pooled,
                 pivot_cells(_broadcast_unbudgeted(pooled, rows), rows, "label", "accuracy"),
+            )
+        if "completion" in lgb.columns and lgb["completion"].notna().any():
+            rows = ["model", "dataset", "budget_fraction", "budget_tokens"]
+            done = summary(lgb, [*rows, "label"], "completion")
+            w.text(
+                "Completion (%): share of the n questions whose `Answer_<k>` the scorer found, pooled "
+                "over n (an answer never written counts as wrong above):"
+            )
+            w.table(
+                "longgenbench_completion",
+                done,
+                pivot_cells(_broadcast_unbudgeted(done, rows), rows, "label", "completion"),
             )
         diff = _safe_paired(w, lgb, "accuracy", ["model", "dataset", "num_questions"])
         w.text("### Retro − base (paired accuracy difference, pp)")
