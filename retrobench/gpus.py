@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 POOL_VALUES = ("auto", True, False)
+ALLOWED = "auto, true, false"  # POOL_VALUES as a user writes them
 #: The GPU index this process used last (tried first by the next job of the same worker).
 _last: int | None = None
 
@@ -59,7 +60,7 @@ def visible_gpus() -> int:
 def wants_pool(device: str, pool: Any, count: int) -> bool:
     """Whether a job on ``device`` claims a GPU from the pool (see the module docstring)."""
     if pool not in POOL_VALUES:
-        raise ValueError(f"gpu_pool={pool} is not allowed; allowed: auto, true, false")
+        raise ValueError(f"gpu_pool={pool} is not allowed; allowed: {ALLOWED}")
     if str(device) != "cuda" or pool is False or count < 1:
         return False
     return pool is True or count > 1

@@ -19,6 +19,8 @@ from typing import Any, NoReturn
 
 from omegaconf import DictConfig
 
+from retrobench import gpus
+
 BACKENDS = ("torch", "triton")
 DTYPES = ("float32", "bfloat16", "float16")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -156,8 +158,8 @@ def validate(cfg: DictConfig) -> tuple[Any, Any]:
     if not isinstance(cfg.get("seed"), int):
         raise RunConfigError(f"seed must be an integer, got {cfg.get('seed')}")
     check_engine(cfg.engine, str(cfg.device))
-    if cfg.get("gpu_pool", "auto") not in ("auto", True, False):
-        raise RunConfigError(f"gpu_pool={cfg.get('gpu_pool')} is not allowed; allowed: auto, true, false")
+    if cfg.get("gpu_pool", "auto") not in gpus.POOL_VALUES:
+        raise RunConfigError(f"gpu_pool={cfg.get('gpu_pool')} is not allowed; allowed: {gpus.ALLOWED}")
     check_context(cfg, task)
     try:
         check_model_available(cfg.model)

@@ -132,6 +132,7 @@ BAD_INPUTS = {
     "missing_model_package": (["model=smollm2_135m", "model.package=not_a_pkg"], "model.package", {}),
     "unknown_key": (["method.no_such_key=3"], "method.no_such_key", {}),
     "prompt_too_long": (["task=longgenbench", "task.num_questions=30"], "model.max_context", {}),
+    "gpu_pool": (["gpu_pool=sometimes"], "gpu_pool", {}),
 }
 
 
