@@ -10,10 +10,10 @@ export PYTHONSAFEPATH := 1
 TEST_ENV := TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow test-gpu bench clean
+.PHONY: help install run test test-slow test-gpu bench clean gpu-install gpu-test gpu-bench gpu-latency
 
 help: ## show this help
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-15s %s\n", $$1, $$2}'
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -42,6 +42,25 @@ test-gpu: install ## GPU tests (run on the GPU machine; real Triton, no interpre
 bench: install ## benchmarks: on a GPU the triton decode step vs its floor (results/bench/decode.*), on CPU engine vs HF generate
 	if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		$(PY) -m retrobench.bench_decode $(ARGS); else $(PY) -m retrobench.bench $(ARGS); fi
+
+# ---- the GPU machine without a registry: its image's python3, the wheels carried in .whl/ ----------
+# (build them here with ../shared/tools/gpu-wheels; carry .whl with the device call)
+GPU_SITE := $(CURDIR)/.gpu-site
+GPU_ENV := PYTHONPATH=$(GPU_SITE) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
+
+gpu-install: ## GPU machine: install .whl/*.whl into .gpu-site and retrobench (editable) with the image's python3
+	python3 -m pip install -q --no-index --no-deps --no-compile --target $(GPU_SITE) .whl/*.whl
+	PYTHONPATH=$(GPU_SITE) python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
+
+gpu-test: ## GPU machine (after gpu-install): pytest -m gpu, log in results/bench/gpu-tests.log
+	mkdir -p results/bench
+	set -o pipefail; $(GPU_ENV) python3 -m pytest -m gpu -q -p no:cacheprovider $(ARGS) 2>&1 | tee results/bench/gpu-tests.log
+
+gpu-bench: ## GPU machine (after gpu-install): python -m retrobench.bench_decode -> results/bench/decode.{csv,md}
+	$(GPU_ENV) python3 -m retrobench.bench_decode $(ARGS)
+
+gpu-latency: ## GPU machine (after gpu-install): experiment=latency per method and backend -> results/bench/latency_cli.*
+	$(GPU_ENV) python3 -m retrobench.bench_cli $(ARGS)
 
 clean: ## remove caches (keeps .venv and results/)
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -1,9 +1,11 @@
 """Guarded Triton import and the small helpers every kernel launcher shares.
 
-Triton is optional: on a machine without it (macOS) ``HAS_TRITON`` is False, the kernel modules
-still import, and every public op falls back to its plain-PyTorch reference. Kernels run on a
-CUDA GPU, or on CPU under ``TRITON_INTERPRET=1`` (set before Python starts; the interpreter
-decides at ``@triton.jit`` time). The interpreter computes bf16 arithmetic silently wrong, so
+Triton is optional: on a machine without it (macOS) ``HAS_TRITON`` is False and the kernel modules
+still import, so ``engine.backend=torch`` (the references) works everywhere. A Triton op never
+falls back to its reference: called where it cannot run it raises :class:`TritonUnavailable`, so a
+run or test that asked for the kernels either gets them or stops. Kernels run on a CUDA GPU, or
+on CPU under ``TRITON_INTERPRET=1`` (set before Python starts; the interpreter decides at
+``@triton.jit`` time). The interpreter computes bf16 arithmetic silently wrong, so
 kernels upcast to fp32 right after every load and CPU tests use fp32/fp16 only.
 """
 
@@ -27,12 +29,26 @@ except ImportError:  # pragma: no cover
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 LOG2E = 1.4426950408889634  # log2(e): softmax runs on exp2 inside kernels
-LN2 = 0.6931471805599453  # ln(2): converts a base-2 LSE back to natural log
+
+
+class TritonUnavailable(RuntimeError):
+    """A Triton kernel was asked for where none can run (no triton, or a CPU tensor without the interpreter)."""
 
 
 def triton_usable(t: torch.Tensor) -> bool:
     """Whether the Triton path can run on ``t``'s device (CUDA, or any device under the interpreter)."""
     return HAS_TRITON and (t.is_cuda or INTERPRET)
+
+
+def require_triton(t: torch.Tensor, op: str) -> None:
+    """Raise :class:`TritonUnavailable` unless ``op``'s kernel can run on ``t``'s device."""
+    if not HAS_TRITON:
+        raise TritonUnavailable(f"{op}: triton is not installed")
+    if not (t.is_cuda or INTERPRET):
+        raise TritonUnavailable(
+            f"{op}: Triton kernels need a CUDA tensor, or TRITON_INTERPRET=1 set before Python starts "
+            f"(got a {t.device.type} tensor)"
+        )
 
 
 def next_pow2(n: int) -> int:

@@ -9,7 +9,7 @@ attention into its cached output. The reference is ``attention_ref.merge_states_
 from __future__ import annotations
 
 import torch
-from retrobench.kernels._triton import HAS_TRITON, next_pow2, tl, triton, triton_usable
+from retrobench.kernels._triton import HAS_TRITON, next_pow2, require_triton, tl, triton
 from retrobench.kernels.attention_ref import merge_states_ref as _merge_states_ref
 
 BLOCK_ROWS = 16
@@ -45,7 +45,7 @@ if HAS_TRITON:
 def merge_states(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """State over the union of two disjoint key sets (Triton; reference otherwise).
+    """State over the union of two disjoint key sets (Triton; CUDA or the interpreter).
 
     Parameters
     ----------
@@ -59,8 +59,7 @@ def merge_states(
     if out_a.shape != out_b.shape or lse_a.shape != lse_b.shape or out_a.shape[:-1] != lse_a.shape:
         raise ValueError(f"shapes do not match: out {tuple(out_a.shape)}/{tuple(out_b.shape)}, "
                          f"lse {tuple(lse_a.shape)}/{tuple(lse_b.shape)}")  # fmt: skip
-    if not triton_usable(out_a):
-        return merge_states_ref(out_a, lse_a, out_b, lse_b)
+    require_triton(out_a, "merge_states")
     D = out_a.shape[-1]
     R = lse_a.numel()
     out = torch.empty(out_a.shape, dtype=out_a.dtype, device=out_a.device)

@@ -2,7 +2,7 @@
 
 After a forward writes keys at ``positions`` (appends, and RetroAttention's overwrites of its
 window), the min/max of every touched page is recomputed from the page's stored keys over its
-slots below the sequence length: exact, as ``PagedKVCache._refresh_meta`` does without eviction
+slots below the sequence length: exact after every append and overwrite
 (an incremental min/max would be wrong after an overwrite). One program per (b, s, KV head) reads
 its page once; two positions on the same page compute the same values, so duplicates are
 harmless. Positions < 0 are skipped (padding rows of a static-shape batch).
@@ -11,7 +11,7 @@ harmless. Positions < 0 are skipped (padding rows of a static-shape batch).
 from __future__ import annotations
 
 import torch
-from retrobench.kernels._triton import HAS_TRITON, next_pow2, tl, triton, triton_usable
+from retrobench.kernels._triton import HAS_TRITON, next_pow2, require_triton, tl, triton
 
 if HAS_TRITON:
 
@@ -64,7 +64,7 @@ def update_page_minmax(
     positions: torch.Tensor,
     lengths: torch.Tensor,
 ) -> None:
-    """Recompute, in place, ``kmin``/``kmax`` of every page holding one of ``positions`` (Triton; reference otherwise).
+    """Recompute, in place, ``kmin``/``kmax`` of every page holding one of ``positions`` (Triton; CUDA or the interpreter).
 
     Parameters
     ----------
@@ -75,8 +75,7 @@ def update_page_minmax(
     lengths : ``[B]`` tokens of each sequence after the write.
     """
     _check(k_cache, kmin, kmax, page_table, positions, lengths)
-    if not triton_usable(k_cache):
-        return update_page_minmax_ref(k_cache, kmin, kmax, page_table, positions, lengths)
+    require_triton(k_cache, "update_page_minmax")
     _, P, H_kv, D = k_cache.shape
     B, S = positions.shape
     if k_cache.stride(-1) != 1 or kmin.stride(-1) != 1 or kmax.stride(-1) != 1:
@@ -102,18 +101,20 @@ def update_page_minmax_ref(
     positions: torch.Tensor,
     lengths: torch.Tensor,
 ) -> None:
-    """Reference: ``PagedKVCache._refresh_meta`` with every slot below the length live, per (b, s)."""
+    """Reference: per position, the page's keys in the slots below the length, then their channel
+    min and max (+inf / -inf for a page with no such slot); positions < 0 are skipped."""
     _check(k_cache, kmin, kmax, page_table, positions, lengths)
     P = k_cache.shape[1]
+    B = positions.shape[0]
+    pos = positions.long()
+    keep = pos >= 0
+    page = torch.where(keep, pos, torch.zeros_like(pos)) // P  # [B, S]
+    phys = torch.gather(page_table.long(), 1, page)
+    slots = page.unsqueeze(-1) * P + torch.arange(P, device=pos.device)  # [B, S, P]
+    live = (slots < lengths.long().view(B, 1, 1))[..., None, None]
+    keys = k_cache[phys]  # [B, S, P, H_kv, D]
     inf = torch.tensor(float("inf"), dtype=k_cache.dtype, device=k_cache.device)
-    slots = torch.arange(P, device=k_cache.device)
-    for b in range(positions.shape[0]):
-        for pos in positions[b].tolist():
-            if pos < 0:
-                continue
-            page = pos // P
-            phys = int(page_table[b, page])
-            live = (page * P + slots < lengths[b]).view(P, 1, 1)
-            keys = k_cache[phys]  # [P, H_kv, D]
-            kmin[phys] = torch.where(live, keys, inf).amin(dim=0).to(kmin.dtype)
-            kmax[phys] = torch.where(live, keys, -inf).amax(dim=0).to(kmax.dtype)
+    lo = torch.where(live, keys, inf).amin(dim=2)
+    hi = torch.where(live, keys, -inf).amax(dim=2)
+    kmin[phys[keep]] = lo[keep].to(kmin.dtype)  # duplicate pages carry identical values
+    kmax[phys[keep]] = hi[keep].to(kmax.dtype)

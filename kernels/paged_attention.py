@@ -1,27 +1,32 @@
-"""Sparse paged decode attention: split-K flash-decoding over a per-KV-head page list, GQA-packed.
+"""Sparse paged attention: split-K flash-decoding over a per-selection-head unit list, GQA-packed.
 
 One call attends the S queries of each sequence (the current token and, for RetroAttention, the
-past tokens of its window) to the pages each KV head selected, straight from the paged cache.
+past tokens of its window; or a whole prefill chunk) to the units each selection head chose,
+straight from the paged cache. A *unit* is a page of P keys; passing the cache as pages of one
+token (``k_cache.view(-1, 1, H_kv, D)`` with a per-token table) makes it a token list, which is
+how token-level selections (the oracle's top-k tokens, InfLLM's windows) run on the same kernel.
 
 Kernel design (anchors-methods.md §4.1-4.4; SGLang/LightLLM two-stage decode, vLLM unified
 attention's GQA packing, Flash-Decoding):
 
-* one program per (sequence b, KV head, split, row block); its rows are the G query heads of the
-  KV head times the S queries (GQA packing, row r = g*S + s), so every selected page's K/V is
-  loaded ONCE for all G heads and all S queries: RetroAttention's supplementary attention of
-  past tokens reads no extra KV;
-* the selected tokens ``pages[b, kv, :]`` x P are split evenly between ``num_splits`` programs
-  (split-K); each walks its share in tiles of BLOCK_N tokens (a tile spans several small pages
-  or part of a large one), gathers K/V through ``page_table``, and keeps an online softmax in
+* one program per (sequence b, selection head, split, row block). A selection head covers
+  ``G_sel = H / H_sel`` query heads of one KV head (``H_sel = H_kv``: a page set per KV head, the
+  G query heads of its group packed; ``H_sel = H``: one set per query head). Its rows are those
+  query heads times the S queries (row r = g*S + s), so every selected unit's K/V is loaded ONCE
+  for all of them: RetroAttention's past-token queries read no extra KV;
+* the first ``num_units[b]`` entries of the list (all K when not given) are split evenly between
+  ``num_splits`` programs (split-K, sized per sequence inside the kernel); each walks its share in
+  tiles of BLOCK_N tokens, gathers K/V through ``page_table`` and keeps an online softmax in
   base 2 (logits pre-scaled by ``scaling * log2(e)``) with fp32 accumulators;
-* visibility per (query, key): the page entry is not padding (-1), causal (``t <= q_pos``),
-  optional ``key_mask``, optional RetroAttention step mask (``page_step < q_step``);
+* visibility per (query, key): the entry is not padding (-1), causal (``t <= q_pos``), optional
+  ``key_mask`` (eviction), optional RetroAttention step mask (``page_step[unit] < q_step``);
 * each split writes a normalised partial output and its natural-log LSE (``m + log2(l)`` times
-  ln 2; the base-2 pitfall of §4.3), and ``_reduce_splits_kernel`` merges the splits
-  (§4.4); with one split the first kernel writes the final output directly.
+  ln 2; the base-2 pitfall of §4.3), and ``_reduce_splits_kernel`` merges the splits (§4.4); with
+  one split the first kernel writes the final output directly.
 
 A query that sees no key gets out = 0 and lse = -inf (the merge identity), as in
-``attention_ref``. Shapes: glossary in methods/base.py.
+``attention_ref``. Shapes: glossary in methods/base.py; the reference is
+:func:`sparse_paged_attention_ref` (a gather and a masked softmax, fp32).
 """
 
 from __future__ import annotations
@@ -33,15 +38,15 @@ from retrobench.kernels._triton import (
     LOG2E,
     dot_precision,
     next_pow2,
+    require_triton,
     target_programs,
     tl,
     triton,
-    triton_usable,
 )
 from retrobench.kernels.attention_ref import attention_ref
 
 BLOCK_N = 32 if INTERPRET else 64  # keys per tile (power of two >= 16: tl.dot's minimum)
-MAX_BLOCK_M = 64  # packed query rows (G*S) per program; more rows take more row blocks
+MAX_BLOCK_M = 64  # packed query rows (G_sel*S) per program; more rows take more row blocks
 MIN_TOKENS_PER_SPLIT = 128  # a split smaller than this costs more in its reduce than it saves
 MAX_SPLITS = 64
 
@@ -49,7 +54,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _sparse_paged_attention_kernel(
-        Q, Kc, Vc, PageTable, Pages, QPos, KeyMask, PageStep, QStep, Out, Lse,
+        Q, Kc, Vc, PageTable, Pages, NumUnits, QPos, KeyMask, PageStep, QStep, Out, Lse,
         sm_scale_log2,
         stride_qb, stride_qh, stride_qs,
         stride_kn, stride_kp, stride_kh,
@@ -58,22 +63,24 @@ if HAS_TRITON:
         stride_kmb, stride_kmh, stride_psb, stride_psh, stride_qsb,
         stride_ob, stride_oh, stride_os, stride_osp,
         stride_lb, stride_lh, stride_ls, stride_lsp,
-        H_KV, S, D, num_tokens, tokens_per_split,
-        G: tl.constexpr, P: tl.constexpr,
+        H_SEL, S, D, K_UNITS, NUM_SPLITS,
+        G: tl.constexpr, G_SEL: tl.constexpr, P: tl.constexpr, ALIGN: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        HAS_KEY_MASK: tl.constexpr, HAS_PAGE_STEP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        HAS_NUM_UNITS: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_PAGE_STEP: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
-        pid_bk = tl.program_id(0)
+        pid_bs = tl.program_id(0)
         split = tl.program_id(1)
         pid_m = tl.program_id(2)
-        b = pid_bk // H_KV
-        kv = pid_bk % H_KV
+        b = pid_bs // H_SEL
+        sel = pid_bs % H_SEL
+        kv = (sel * G_SEL) // G
 
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # packed rows r = g*S + s
-        row_ok = rows < G * S
+        row_ok = rows < G_SEL * S
         g = rows // S
         s = rows % S
-        h = kv * G + g
+        h = sel * G_SEL + g
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
 
@@ -89,13 +96,19 @@ if HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-        pages_row = Pages + b * stride_pgb + kv * stride_pgh
-        start = split * tokens_per_split
-        end = tl.minimum(start + tokens_per_split, num_tokens)
+        n_units = K_UNITS
+        if HAS_NUM_UNITS:
+            n_units = tl.minimum(tl.load(NumUnits + b).to(tl.int32), K_UNITS)
+        num_tokens = n_units * P
+        per_split = (num_tokens + NUM_SPLITS - 1) // NUM_SPLITS
+        per_split = ((per_split + ALIGN - 1) // ALIGN) * ALIGN  # splits start on page (or tile) boundaries
+        start = split * per_split
+        end = tl.minimum(start + per_split, num_tokens)
+        units_row = Pages + b * stride_pgb + sel * stride_pgh
         for n0 in range(start, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)  # token index within the selection: entry n // P, slot n % P
             slot = n % P
-            lp = tl.load(pages_row + n // P, mask=n < end, other=-1)  # logical page, -1 = padding
+            lp = tl.load(units_row + n // P, mask=n < end, other=-1)  # logical unit, -1 = padding
             col_ok = lp >= 0
             phys = tl.load(PageTable + b * stride_ptb + lp, mask=col_ok, other=0).to(tl.int64)
             t = lp * P + slot  # key position
@@ -108,7 +121,7 @@ if HAS_TRITON:
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
             vis = col_ok[None, :] & (t[None, :] <= q_pos[:, None])
             if HAS_PAGE_STEP:
-                ps = tl.load(PageStep + b * stride_psb + kv * stride_psh + lp, mask=col_ok, other=0)
+                ps = tl.load(PageStep + b * stride_psb + sel * stride_psh + lp, mask=col_ok, other=0)
                 vis = vis & (ps[None, :] < q_step[:, None])
             qk = tl.where(vis, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -153,7 +166,7 @@ if HAS_TRITON:
         tl.store(Lse + row, tl.where(total > 0, m_ref + tl.log(denom), float("-inf")))
 
 
-def _check(q, k_cache, v_cache, page_table, pages, q_pos, key_mask, page_step, q_step) -> None:
+def _check(q, k_cache, v_cache, page_table, pages, q_pos, key_mask, page_step, q_step, num_units) -> None:
     B, H, S, D = q.shape
     _, P, H_kv, Dk = k_cache.shape
     if Dk != D or v_cache.shape != k_cache.shape:
@@ -162,8 +175,10 @@ def _check(q, k_cache, v_cache, page_table, pages, q_pos, key_mask, page_step, q
         raise ValueError(f"H={H} is not a multiple of H_kv={H_kv}")
     if P & (P - 1):
         raise ValueError(f"page size {P} is not a power of two")
-    if pages.shape[:2] != (B, H_kv) or pages.dim() != 3:
-        raise ValueError(f"pages must be [B, H_kv, K] = [{B}, {H_kv}, K], got {tuple(pages.shape)}")
+    if pages.dim() != 3 or pages.shape[0] != B or pages.shape[1] % H_kv or H % pages.shape[1]:
+        raise ValueError(
+            f"pages must be [B, H_sel, K] with H_sel a multiple of H_kv={H_kv} dividing H={H}, got {tuple(pages.shape)}"
+        )
     if page_table.dim() != 2 or page_table.shape[0] != B or tuple(q_pos.shape) != (B, S):
         raise ValueError("page_table must be [B, n_max] and q_pos [B, S]")
     T_max = page_table.shape[1] * P
@@ -172,14 +187,17 @@ def _check(q, k_cache, v_cache, page_table, pages, q_pos, key_mask, page_step, q
     if (page_step is None) != (q_step is None):
         raise ValueError("page_step and q_step come together")
     if page_step is not None and (
-        tuple(page_step.shape) != (B, H_kv, page_table.shape[1]) or tuple(q_step.shape) != (B, S)
-    ):
-        raise ValueError("page_step must be [B, H_kv, n_max] and q_step [B, S]")
+        page_step.dim() != 3 or tuple(page_step.shape[:2]) != tuple(pages.shape[:2])
+        or page_step.shape[2] < page_table.shape[1] or tuple(q_step.shape) != (B, S)
+    ):  # fmt: skip
+        raise ValueError("page_step must be [B, H_sel, >= n_max] and q_step [B, S]")
+    if num_units is not None and tuple(num_units.shape) != (B,):
+        raise ValueError(f"num_units must be [B], got {tuple(num_units.shape)}")
 
 
-def default_num_splits(q: torch.Tensor, num_kv_heads: int, num_tokens: int, row_blocks: int = 1) -> int:
-    """Splits so that B * H_kv * splits programs fill the device, each with >= MIN_TOKENS_PER_SPLIT keys."""
-    programs = q.shape[0] * num_kv_heads * row_blocks
+def default_num_splits(q: torch.Tensor, num_sel_heads: int, num_tokens: int, row_blocks: int = 1) -> int:
+    """Splits so that B * H_sel * splits programs fill the device, each with >= MIN_TOKENS_PER_SPLIT keys."""
+    programs = q.shape[0] * num_sel_heads * row_blocks
     want = -(-target_programs(q) // programs)
     most = max(1, -(-num_tokens // MIN_TOKENS_PER_SPLIT))
     return max(1, min(want, most, MAX_SPLITS))
@@ -196,22 +214,28 @@ def sparse_paged_attention(
     key_mask: torch.Tensor | None = None,
     page_step: torch.Tensor | None = None,
     q_step: torch.Tensor | None = None,
+    num_units: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of ``q`` over the selected pages of a paged KV cache (Triton; reference otherwise).
+    """Attention of ``q`` over the selected units of a paged KV cache (Triton; CUDA or the interpreter).
 
     Parameters
     ----------
     q : ``[B, H, S, D]`` queries (bf16/fp16/fp32).
-    k_cache, v_cache : ``[N_pages, P, H_kv, D]`` physical pages of one layer (keys post-RoPE).
-    page_table : ``[B, n_max]`` int32, logical page -> physical page.
-    pages : ``[B, H_kv, K]`` int32 logical pages each KV head attends; -1 = padding (anywhere);
-        entries unique.
-    q_pos : ``[B, S]`` int32 query positions (causal: key t visible iff ``t <= q_pos``).
+    k_cache, v_cache : ``[N_pages, P, H_kv, D]`` physical pages of one layer (keys post-RoPE); a
+        token view ``[N_pages * P, 1, H_kv, D]`` makes every unit one token.
+    page_table : ``[B, n_max]`` int, logical unit -> physical unit.
+    pages : ``[B, H_sel, K]`` int logical units each selection head attends; -1 = padding (anywhere);
+        entries unique. ``H_sel`` is H_kv (one list per KV head) or H (one per query head); any
+        stride works, so a ``[B, 1, K]`` list expanded over KV heads costs no copy.
+    q_pos : ``[B, S]`` int query positions (causal: key t visible iff ``t <= q_pos``; -1 sees nothing).
     scaling : softmax scale.
-    key_mask : optional ``[B, H_kv, n_max*P]`` bool, False = key hidden.
-    page_step, q_step : optional ``[B, H_kv, n_max]`` / ``[B, S]`` int32: page p visible to query s
-        iff ``page_step[b, kv, p] < q_step[b, s]`` (RetroAttention; INT32_MAX = sees every page).
+    key_mask : optional ``[B, H_kv, n_max*P]`` bool, False = key hidden (any strides in the first
+        two dims, e.g. one live mask expanded over heads).
+    page_step, q_step : optional ``[B, H_sel, >= n_max]`` / ``[B, S]`` int: unit u visible to query s
+        iff ``page_step[b, sel, u] < q_step[b, s]`` (RetroAttention; INT32_MAX sees every unit).
+    num_units : optional ``[B]`` int: only the first ``num_units[b]`` entries of each list are read
+        (lists compacted to the front; the split-K shares are sized by it, per sequence).
     num_splits : split-K factor (default: fill the device, see :func:`default_num_splits`).
 
     Returns
@@ -219,25 +243,22 @@ def sparse_paged_attention(
     out ``[B, H, S, D]`` in q.dtype and lse ``[B, H, S]`` fp32 natural log; a query that sees
     no key gets 0 and -inf. No host synchronisation (CUDA-graph capturable).
     """
-    _check(q, k_cache, v_cache, page_table, pages, q_pos, key_mask, page_step, q_step)
-    if not triton_usable(q):
-        return sparse_paged_attention_ref(q, k_cache, v_cache, page_table, pages, q_pos, scaling,
-                                          key_mask, page_step, q_step)  # fmt: skip
+    _check(q, k_cache, v_cache, page_table, pages, q_pos, key_mask, page_step, q_step, num_units)
+    require_triton(q, "sparse_paged_attention")
     B, H, S, D = q.shape
     _, P, H_kv, _ = k_cache.shape
-    G = H // H_kv
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+    H_sel = pages.shape[1]
+    G, G_sel = H // H_kv, H // H_sel
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("pages", pages)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension")
-    page_table, pages, q_pos = page_table.contiguous(), pages.contiguous(), q_pos.contiguous()
-    num_tokens = pages.shape[2] * P
-    block_m = min(max(16, next_pow2(G * S)), MAX_BLOCK_M)
-    row_blocks = -(-(G * S) // block_m)
-    splits = num_splits if num_splits is not None else default_num_splits(q, H_kv, num_tokens, row_blocks)
+    K_units = pages.shape[2]
+    num_tokens = K_units * P
+    block_m = min(max(16, next_pow2(G_sel * S)), MAX_BLOCK_M)
+    row_blocks = -(-(G_sel * S) // block_m)
+    splits = num_splits if num_splits is not None else default_num_splits(q, H_sel, num_tokens, row_blocks)
     if splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {splits}")
-    align = min(P, BLOCK_N)  # splits start on page (or tile) boundaries
-    tokens_per_split = -(-max(1, -(-num_tokens // splits)) // align) * align
 
     out = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
@@ -250,13 +271,18 @@ def sparse_paged_attention(
         part_lse = torch.empty(B, H, S, splits, dtype=torch.float32, device=q.device)
         so = part_out.stride()[:4]
         sl = part_lse.stride()
-    has_mask, has_step = key_mask is not None, page_step is not None
-    km = key_mask.contiguous().view(torch.uint8) if has_mask else pages  # dummy pointer when absent
-    ps = page_step.contiguous() if has_step else pages
-    qs = q_step.contiguous() if has_step else q_pos
-    grid = (B * H_kv, splits, row_blocks)
+    has_mask, has_step, has_units = key_mask is not None, page_step is not None, num_units is not None
+    if has_mask and key_mask.stride(-1) != 1:
+        key_mask = key_mask.contiguous()
+    km = key_mask.view(torch.uint8) if has_mask else pages  # dummy pointer when absent
+    ps = page_step if has_step else pages
+    if has_step and ps.stride(-1) != 1:
+        ps = ps.contiguous()
+    qs = q_step if has_step else q_pos
+    nu = num_units if has_units else q_pos
+    grid = (B * H_sel, splits, row_blocks)
     _sparse_paged_attention_kernel[grid](
-        q, k_cache, v_cache, page_table, pages, q_pos, km, ps, qs, part_out, part_lse,
+        q, k_cache, v_cache, page_table, pages, nu, q_pos, km, ps, qs, part_out, part_lse,
         scaling * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -265,9 +291,11 @@ def sparse_paged_attention(
         km.stride(0) if has_mask else 0, km.stride(1) if has_mask else 0,
         ps.stride(0) if has_step else 0, ps.stride(1) if has_step else 0, qs.stride(0),
         *so, *sl,
-        H_kv, S, D, num_tokens, tokens_per_split,
-        G=G, P=P, BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=max(16, next_pow2(D)),
-        HAS_KEY_MASK=has_mask, HAS_PAGE_STEP=has_step, DOT_PRECISION=dot_precision(k_cache.dtype),
+        H_sel, S, D, K_units, splits,
+        G=G, G_SEL=G_sel, P=P, ALIGN=min(P, BLOCK_N),
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=max(16, next_pow2(D)),
+        HAS_NUM_UNITS=has_units, HAS_KEY_MASK=has_mask, HAS_PAGE_STEP=has_step,
+        DOT_PRECISION=dot_precision(k_cache.dtype),
         num_warps=4, num_stages=2,
     )  # fmt: skip
     if splits > 1:
@@ -289,33 +317,41 @@ def sparse_paged_attention_ref(
     key_mask: torch.Tensor | None = None,
     page_step: torch.Tensor | None = None,
     q_step: torch.Tensor | None = None,
+    num_units: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference of :func:`sparse_paged_attention`: the boolean key mask, then ``attention_ref`` per
-    sequence over all of its logical pages (fp32). ``num_splits`` is ignored."""
-    _check(q, k_cache, v_cache, page_table, pages, q_pos, key_mask, page_step, q_step)
-    B, _, S, D = q.shape
+    """Reference of :func:`sparse_paged_attention`: gather the selected keys, build the boolean mask
+    from its definition, and run ``attention_ref`` (fp32). ``num_splits`` is ignored."""
+    _check(q, k_cache, v_cache, page_table, pages, q_pos, key_mask, page_step, q_step, num_units)
+    B, H, S, D = q.shape
     _, P, H_kv, _ = k_cache.shape
-    n_max = page_table.shape[1]
-    T_max = n_max * P
+    H_sel, K = pages.shape[1], pages.shape[2]
+    G_sel = H // H_sel
+    kv_of_sel = torch.arange(H_sel, device=q.device) * G_sel // (H // H_kv)  # [H_sel]
+    units = pages.long()
+    valid = units >= 0
+    if num_units is not None:
+        valid &= torch.arange(K, device=q.device).view(1, 1, K) < num_units.view(B, 1, 1).long()
+    units = torch.where(valid, units, torch.zeros_like(units))
+    phys = torch.gather(page_table.long().unsqueeze(1).expand(B, H_sel, -1), 2, units)  # [B, H_sel, K]
+    slots = torch.arange(P, device=q.device)
+    positions = (units.unsqueeze(-1) * P + slots).reshape(B, H_sel, K * P)  # key position per entry
+    kv_idx = kv_of_sel.view(1, H_sel, 1, 1).expand(B, H_sel, K, P)
+    keys = k_cache[phys.unsqueeze(-1).expand(B, H_sel, K, P), slots.expand(B, H_sel, K, P), kv_idx]
+    values = v_cache[phys.unsqueeze(-1).expand(B, H_sel, K, P), slots.expand(B, H_sel, K, P), kv_idx]
+    keys, values = keys.reshape(B, H_sel, K * P, D), values.reshape(B, H_sel, K * P, D)
+
+    mask = valid.repeat_interleave(P, dim=2).unsqueeze(2)  # [B, H_sel, 1, K*P]
+    mask = mask & (positions.unsqueeze(2) <= q_pos.long().view(B, 1, S, 1))
+    if key_mask is not None:
+        kv_mask = key_mask[torch.arange(B, device=q.device).view(B, 1, 1), kv_of_sel.view(1, H_sel, 1), positions]
+        mask = mask & kv_mask.unsqueeze(2)
+    if page_step is not None:
+        steps = torch.gather(page_step.long(), 2, units).repeat_interleave(P, dim=2)  # [B, H_sel, K*P]
+        mask = mask & (steps.unsqueeze(2) < q_step.long().view(B, 1, S, 1))
     outs, lses = [], []
-    for b in range(B):
-        phys = page_table[b].long().clamp(min=0)
-        keys = k_cache[phys].reshape(T_max, H_kv, D)
-        values = v_cache[phys].reshape(T_max, H_kv, D)
-        selected = torch.zeros(H_kv, n_max, dtype=torch.bool, device=q.device)
-        for kv in range(H_kv):
-            ids = pages[b, kv].long()
-            selected[kv, ids[ids >= 0]] = True
-        page_visible = selected.unsqueeze(1).expand(H_kv, S, n_max)  # [H_kv, S, n_max]
-        if page_step is not None:
-            page_visible = page_visible & (page_step[b].unsqueeze(1) < q_step[b].view(1, S, 1))
-        mask = page_visible.repeat_interleave(P, dim=-1)  # [H_kv, S, T_max]
-        positions = torch.arange(T_max, device=q.device)
-        mask = mask & (positions.view(1, 1, T_max) <= q_pos[b].view(1, S, 1))
-        if key_mask is not None:
-            mask = mask & key_mask[b].unsqueeze(1)
-        out, lse = attention_ref(q[b], keys, values, scaling, mask)
+    for b in range(B):  # attention_ref per sequence, each selection head acting as one KV head
+        out, lse = attention_ref(q[b], keys[b].transpose(0, 1), values[b].transpose(0, 1), scaling, mask[b])
         outs.append(out)
         lses.append(lse)
     return torch.stack(outs), torch.stack(lses)

@@ -1,22 +1,20 @@
-"""Quest page selection on device: page upper-bound scores (Triton) and top-k with a forced page (torch).
+"""Quest page scores on device: the per-page upper bound of ``q·k`` from the cached key min/max.
 
 Quest (Tang et al., ICML 2024) scores page p for query head h by
 ``Σ_i max(q_i·kmax_i, q_i·kmin_i)``, an upper bound of ``q·k`` over the page's keys, from the
 per-page, per-KV-head channel min/max the cache keeps exact. ``quest_page_scores`` computes it for
 every page of every sequence in one launch, reading each page's min/max once per KV head for the
-G query heads of the group, and reduces over heads on the fly (``group_reduce``, the GQA policy of
-``methods/common.py::reduce_head_scores``). ``quest_select`` then keeps the forced page (the one
-holding the current token) plus the top ``k[b] - 1`` others with ``torch.topk`` at a static width
-``k_max``, without any host synchronisation, so the decode step can be captured in a CUDA graph.
+G query heads of the group, and reduces over heads on the fly (``group_reduce``: the GQA policy,
+``kv_head`` sums a group's heads, ``q_head`` keeps every head, ``layer`` sums all heads).
+The top-k that follows is :func:`retrobench.kernels.topk.topk_forced`.
 
-The references delegate to the method code (``methods/quest.py``, ``methods/common.py``): the
-kernel is tested against the definition the torch backend runs.
+The reference :func:`quest_page_scores_ref` is the definition, written out in plain tensor ops.
 """
 
 from __future__ import annotations
 
 import torch
-from retrobench.kernels._triton import HAS_TRITON, next_pow2, tl, triton, triton_usable
+from retrobench.kernels._triton import HAS_TRITON, next_pow2, require_triton, tl, triton
 
 GROUP_REDUCES = ("kv_head", "q_head", "layer")
 BLOCK_PAGES = 64
@@ -80,7 +78,7 @@ def quest_page_scores(
     n_pages: torch.Tensor,
     group_reduce: str = "kv_head",
 ) -> torch.Tensor:
-    """Quest upper-bound scores of every logical page (Triton; reference otherwise).
+    """Quest upper-bound scores of every logical page (Triton; CUDA or the interpreter).
 
     Parameters
     ----------
@@ -95,8 +93,7 @@ def quest_page_scores(
     ``[B, H_sel, n_max]`` fp32; pages ``>= n_pages[b]`` and empty pages (kmin = +inf) score -inf.
     """
     _check_scores(q, kmin, kmax, page_table, n_pages, group_reduce)
-    if not triton_usable(q):
-        return quest_page_scores_ref(q, kmin, kmax, page_table, n_pages, group_reduce)
+    require_triton(q, "quest_page_scores")
     B, H, D = q.shape
     H_kv = kmin.shape[1]
     n_max = page_table.shape[1]
@@ -126,78 +123,22 @@ def quest_page_scores_ref(
     n_pages: torch.Tensor,
     group_reduce: str = "kv_head",
 ) -> torch.Tensor:
-    """Reference: ``methods/quest.py::quest_page_scores`` then ``methods/common.py::reduce_head_scores``
-    per sequence, padded with -inf past ``n_pages[b]``; empty pages (kmin = +inf) score -inf
-    in both.
-    """
-    from retrobench.methods.common import reduce_head_scores  # lazy: kernels import no method code at import
-    from retrobench.methods.quest import quest_page_scores as method_scores
-
+    """Reference: the bound ``Σ_d max(q_d·kmax_d, q_d·kmin_d)`` per query head and page in fp32, -inf
+    for empty pages (kmin = +inf) and pages ``>= n_pages[b]``, then the group reduction."""
     _check_scores(q, kmin, kmax, page_table, n_pages, group_reduce)
     B, H, _ = q.shape
     H_kv = kmin.shape[1]
     n_max = page_table.shape[1]
-    h_sel = {"kv_head": H_kv, "q_head": H, "layer": 1}[group_reduce]
-    out = torch.full((B, h_sel, n_max), float("-inf"), dtype=torch.float32, device=q.device)
-    for b in range(B):
-        n = int(n_pages[b])
-        phys = page_table[b, :n].long()
-        lo, hi = kmin[phys], kmax[phys]
-        scores = method_scores(q[b], lo, hi)  # [H, n]; empty pages already -inf
-        out[b, :, :n] = reduce_head_scores(scores, group_reduce, H_kv)
-    return out
-
-
-def quest_select(scores: torch.Tensor, k: torch.Tensor, k_max: int, forced: torch.Tensor) -> torch.Tensor:
-    """The forced page plus the top ``k[b] - 1`` other pages, at a static width ``k_max``.
-
-    Parameters
-    ----------
-    scores : ``[B, H_sel, n_max]`` page scores; -inf marks a page that does not exist (or is empty).
-    k : ``[B]`` int pages to select per sequence (the forced page included); clamped to ``k_max``.
-    k_max : static number of output slots (>= 1).
-    forced : ``[B]`` int the page holding the current token; always selected (slot 0).
-
-    Returns
-    -------
-    ``[B, H_sel, k_max]`` int32 logical pages: the forced page, then the others by descending
-    score; slots past ``k[b]`` or past the pages with a score above -inf are -1. Pure torch with
-    static shapes and no host synchronisation (CUDA-graph capturable). Equal scores may resolve
-    differently from the reference's stable sort (``torch.topk`` does not promise an order among
-    ties), so only tie-free scores give identical page sets.
-    """
-    if k_max < 1:
-        raise ValueError(f"k_max must be >= 1, got {k_max}")
-    B, H_sel, n_max = scores.shape
-    forced = forced.to(device=scores.device, dtype=torch.long)
-    others = scores.float().scatter(2, forced.view(B, 1, 1).expand(B, H_sel, 1), float("-inf"))
-    width = min(k_max - 1, n_max)
-    values, idx = torch.topk(others, width, dim=-1)  # [B, H_sel, width]
-    rank = torch.arange(1, width + 1, device=scores.device)
-    keep = (rank.view(1, 1, width) < k.to(scores.device).view(B, 1, 1)) & (values > float("-inf"))
-    idx = torch.where(keep, idx, torch.full_like(idx, -1))
-    parts = [forced.view(B, 1, 1).expand(B, H_sel, 1), idx]
-    if width < k_max - 1:
-        parts.append(torch.full((B, H_sel, k_max - 1 - width), -1, dtype=torch.long, device=scores.device))
-    return torch.cat(parts, dim=-1).to(torch.int32)
-
-
-def quest_select_ref(scores: torch.Tensor, k: torch.Tensor, k_max: int, forced: torch.Tensor) -> torch.Tensor:
-    """Reference: ``methods/common.py::topk_with_forced`` per sequence over its pages with a score
-    above -inf (the tail of -inf columns is padding), selected pages listed ascending, then -1."""
-    from retrobench.methods.common import topk_with_forced  # lazy: kernels import no method code at import
-
-    B, H_sel, _ = scores.shape
-    out = torch.full((B, H_sel, k_max), -1, dtype=torch.int32, device=scores.device)
-    for b in range(B):
-        valid = (scores[b] > float("-inf")).any(dim=0)
-        n = int(valid.nonzero().max()) + 1 if bool(valid.any()) else 0
-        f = int(forced[b])
-        n = max(n, f + 1)
-        mask = topk_with_forced(scores[b, :, :n].float(), min(int(k[b]), k_max), f)
-        mask &= scores[b, :, :n] > float("-inf")  # pages that do not exist are never attended ...
-        mask[:, f] = True  # ... except the forced one
-        for h in range(H_sel):
-            ids = mask[h].nonzero().flatten()
-            out[b, h, : ids.numel()] = ids.to(torch.int32)
-    return out
+    phys = page_table.long()  # [B, n_max]
+    lo = kmin[phys].float().repeat_interleave(H // H_kv, dim=2)  # [B, n_max, H, D]
+    hi = kmax[phys].float().repeat_interleave(H // H_kv, dim=2)
+    qf = q.float().unsqueeze(1)  # [B, 1, H, D]
+    bound = torch.maximum(qf * hi, qf * lo).sum(dim=-1)  # [B, n_max, H]
+    empty = (lo == float("inf")).any(dim=-1)
+    exists = torch.arange(n_max, device=q.device).view(1, n_max, 1) < n_pages.long().view(B, 1, 1)
+    scores = torch.where(empty | ~exists, float("-inf"), bound).transpose(1, 2)  # [B, H, n_max]
+    if group_reduce == "q_head":
+        return scores.contiguous()
+    if group_reduce == "kv_head":
+        return scores.view(B, H_kv, H // H_kv, n_max).sum(dim=2)
+    return scores.sum(dim=1, keepdim=True)

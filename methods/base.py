@@ -1,15 +1,27 @@
 """The method contract: how a KV-selection method plugs into the shared decoding engine.
 
-The engine runs the model with transformers' own modules and calls, for every attention layer
-of every forward, either :meth:`Method.prefill` (dense prompt chunks) or :meth:`Method.decode`
-(one or more query tokens per sequence). The method receives the query, the engine-owned
-paged KV cache (already holding this forward's keys/values) and its explicit per-request
-state, and returns the attention output, its natural-log log-sum-exp and its accounting.
+A method is written once, for both backends and any batch size: the engine hands it the op table
+of ``engine.backend`` (``retrobench.kernels.ops``) and every computation on the device goes
+through those ops or plain tensor ops. Per forward (a prefill chunk, or one decode step of B
+sequences feeding S tokens each) the engine calls, in order:
 
-A method is a small dataclass (kvpress style): settings are fields, validated in
-``__post_init__`` so a bad config fails before any model loads. Per-request state is created
-by :meth:`Method.new_state` for every sample and never stored on the method itself, so one
-method object can serve any number of requests.
+1. :meth:`Method.plan` on the host: the step's integers per sequence (pages to select, budgets,
+   forced entries...) from the context lengths alone, never reading the device. The engine copies
+   them, with its own (positions, context ends, steps), into static device buffers.
+2. :meth:`Method.prepare`, eagerly, for upkeep that changes shape from step to step (InfLLM builds
+   the representatives of blocks that just formed). Most methods need none.
+3. per attention layer, :meth:`Method.prefill` or :meth:`Method.decode`: the post-RoPE query of the
+   forward and a :class:`Forward` (cache, ops, device buffers, the method's state, the accounting).
+   Decode is static-shape and sync-free, so on the triton backend a whole decode step is captured
+   in a CUDA graph and replayed; prefill runs eagerly.
+4. after the last layer, :meth:`Method.end_step` (still inside the graph): per-step accounting.
+
+Method state (RetroAttention's last-loaded steps and output cache, eviction liveness, InfLLM's
+scores and representatives) is created by :meth:`Method.new_state` for every request, in tensors
+preallocated for the request's capacity, and passed back explicitly; one method object serves any
+number of requests. Accounting lives on the device (:class:`Accounting`) and is read once per
+request. A method is a small dataclass (kvpress style): settings are fields, validated in
+``__post_init__`` so a bad config fails before any model loads.
 
 Shape glossary (used across retrobench):
     B     batch (sequences)            H     query heads         H_kv  KV heads
@@ -19,16 +31,18 @@ Shape glossary (used across retrobench):
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from retrobench.kernels.attention_ref import dense_attention_ref
-
-if TYPE_CHECKING:  # the engine owns the cache; methods only use its public accessors
+if TYPE_CHECKING:  # the engine owns the cache and picks the ops; methods only call them
     from retrobench.engine.cache import PagedKVCache
+    from retrobench.kernels.ops import Ops
+
+INT32_MAX = 2**31 - 1  # the current query's step: it sees every selected unit
 
 
 class ConfigError(ValueError):
@@ -48,47 +62,6 @@ class ModelSpec:
     @property
     def group_size(self) -> int:  # G
         return self.num_heads // self.num_kv_heads
-
-
-@dataclass
-class StepInfo:
-    """What the engine tells a method about the current forward.
-
-    Attributes
-    ----------
-    phase: ``"prefill"`` or ``"decode"``.
-    positions: ``[B, S]`` absolute positions of this forward's query tokens (ascending). In a
-        decode step with a retrospective window, the first S-1 are earlier generated tokens
-        being re-run (their K/V overwritten) and the last is the current token.
-    step: index of the decode step (0 for the first generated token's forward); -1 in prefill.
-    scaling: softmax scale (1/sqrt(D) for Llama-family models).
-    last_chunk: in prefill, whether this forward holds the prompt's last token (eviction methods
-        compress the prompt then).
-    """
-
-    phase: str
-    positions: torch.Tensor
-    step: int
-    scaling: float
-    last_chunk: bool = False
-
-
-@dataclass
-class AttnResult:
-    """A method's answer for one layer and one forward.
-
-    out: ``[B, H, S, D]`` attention output (query dtype).
-    lse: ``[B, H, S]`` natural-log log-sum-exp of the scaled scores over the attended keys (fp32).
-    attended: ``[B, S]`` KV tokens attended by each query, averaged over KV heads (fp32), or None
-        in prefill.
-    pages: ``[B, S]`` pages selected per query, averaged over KV heads, or None when the method
-        does not select pages.
-    """
-
-    out: torch.Tensor
-    lse: torch.Tensor
-    attended: torch.Tensor | None = None
-    pages: torch.Tensor | None = None
 
 
 @dataclass
@@ -143,6 +116,156 @@ def as_budget(value: Any) -> Budget:
     return Budget(tokens=items.get("tokens"), fraction=items.get("fraction"))
 
 
+class Accounting:
+    """Per-request, per-sequence attention accounting, accumulated on the device, read once.
+
+    Every metric is a mean over decode steps of a per-step value (DESIGN.md "Metrics"): per sparse
+    layer, a method records values with :meth:`layer` (a per-layer metric's step value is the mean
+    over the layers that recorded it); per step, :meth:`step` adds one value. ``attended_kv_max``
+    is the largest per-layer ``attended_kv`` of the step. Counts are kept beside the sums, so a
+    metric recorded only for some sequences or steps (``exposure`` once a token leaves the window)
+    averages over those alone. All updates are device ops with static shapes (graph-capturable).
+    """
+
+    METRICS = (
+        "attended_kv", "attended_kv_max", "pages_selected", "resident_kv", "exposure", "supplement_kv",
+        "budget_kv", "context", "output_cache_bytes", "mass_recall", "attn_out_rel_err",
+    )  # fmt: skip
+
+    def __init__(self, num_layers: int, batch: int, device: torch.device) -> None:
+        M = len(self.METRICS)
+        self.index = {name: i for i, name in enumerate(self.METRICS)}
+        self.sums = torch.zeros(batch, M, dtype=torch.float64, device=device)
+        self.counts = torch.zeros(batch, M, dtype=torch.float64, device=device)
+        self.layer_sums = torch.zeros(num_layers, batch, M, device=device)  # fp32: per-layer values
+        self.layer_counts = torch.zeros(num_layers, batch, M, device=device)
+        self.last = torch.zeros(batch, M, device=device)  # the latest per-step values (e.g. resident_kv)
+        self._zero = torch.zeros(batch, device=device)
+        self._one = torch.ones(batch, device=device)
+
+    def _row(self, values: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        unknown = set(values) - set(self.index)
+        if unknown:
+            raise KeyError(f"unknown accounting metric(s) {sorted(unknown)}; known: {', '.join(self.METRICS)}")
+        vals = torch.stack([values[n].float() if n in values else self._zero for n in self.METRICS], dim=-1)
+        cnts = torch.stack([self._one if n in values else self._zero for n in self.METRICS], dim=-1)
+        return vals, cnts
+
+    def layer(self, layer: int, values: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None) -> None:
+        """Record ``values`` (name -> ``[B]``) of one sparse layer; ``valid[name]`` ``[B]`` masks sequences."""
+        vals, cnts = self._row(values)
+        if valid:
+            mask = torch.stack([valid[n].float() if n in valid else self._one for n in self.METRICS], dim=-1)
+            cnts = cnts * mask
+            vals = vals * mask
+        self.layer_sums[layer] += vals  # a metric is recorded at most once per layer and step
+        self.layer_counts[layer] += cnts
+
+    def step(self, values: dict[str, torch.Tensor]) -> None:
+        """Fold this step's layer records in and add one value per sequence for each of ``values``."""
+        att, mx = self.index["attended_kv"], self.index["attended_kv_max"]
+        recorded = self.layer_counts[:, :, att] > 0  # [L, B]
+        per_layer = torch.where(recorded, self.layer_sums[:, :, att], torch.zeros_like(self.layer_sums[:, :, att]))
+        any_layer = recorded.any(dim=0).float()
+        self.layer_sums[0, :, mx] += per_layer.amax(dim=0) * any_layer  # the step's largest layer value
+        self.layer_counts[0, :, mx] += any_layer
+        vals, cnts = self._row(values)
+        self.last.copy_(vals)
+        self.sums += self.layer_sums.sum(dim=0, dtype=torch.float64) + vals.double()
+        self.counts += self.layer_counts.sum(dim=0, dtype=torch.float64) + cnts.double()
+        self.layer_sums.zero_()
+        self.layer_counts.zero_()
+
+    def means(self) -> list[dict[str, float]]:
+        """Per sequence, the mean of every metric recorded at least once (one host read)."""
+        sums, counts = self.sums.cpu(), self.counts.cpu()
+        return [
+            {name: float(sums[b, i] / counts[b, i]) for name, i in self.index.items() if counts[b, i] > 0}
+            for b in range(sums.shape[0])
+        ]
+
+    def latest(self, name: str) -> list[float]:
+        """Per sequence, the last per-step value of ``name`` (e.g. the resident KV after the last step)."""
+        return self.last[:, self.index[name]].tolist()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.sums, self.counts, self.layer_sums, self.layer_counts, self.last]
+
+
+@dataclass(eq=False)
+class Forward:
+    """What one model forward tells a method; the engine fills it and reuses it across graph replays.
+
+    Device tensors (static buffers in decode; positions ascending per sequence):
+        pos ``[B, S]`` long: positions of this forward's tokens. In a decode step with a
+            retrospective window the first S-1 are earlier generated tokens being re-run (their
+            K/V overwritten) and the last is the current token.
+        ends ``[B]`` long: context length after this forward (last position + 1).
+        n_pages ``[B]`` long: pages covering [0, ends).
+        step ``[B]`` long: decode step of the current token (0 for the first generated token's
+            forward; -1 in prefill). q_step ``[B, S]`` long: the step of each row, INT32_MAX for the
+            current one (RetroAttention's visibility test ``A < q_step``).
+        plan: the method's :meth:`Method.plan` values, ``[B]`` long each.
+    ``memo`` holds tensors derived once per forward (e.g. the all-pages list); the engine clears it.
+    """
+
+    phase: str
+    ops: Ops
+    cache: PagedKVCache
+    state: Any
+    spec: ModelSpec
+    scaling: float
+    pos: torch.Tensor
+    ends: torch.Tensor
+    n_pages: torch.Tensor
+    step: torch.Tensor
+    q_step: torch.Tensor
+    plan: dict[str, torch.Tensor]
+    acct: Accounting
+    last_chunk: bool = False
+    memo: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return self.pos.shape[0]
+
+    def derived(self, key: str, make: Any) -> Any:
+        """``make()`` once per forward (cached in ``memo`` under ``key``)."""
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
+
+    def all_pages(self) -> torch.Tensor:
+        """``[B, 1, n_max]`` long: logical pages 0 .. n_pages-1, then -1 (a dense selection)."""
+
+        def make() -> torch.Tensor:
+            n_max = self.cache.pages_per_seq
+            idx = torch.arange(n_max, device=self.pos.device).view(1, 1, n_max)
+            return torch.where(idx < self.n_pages.view(-1, 1, 1), idx, torch.full_like(idx, -1))
+
+        return self.derived("all_pages", make)
+
+
+def state_tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor reachable through the dataclass fields (and lists/dicts) of a method state.
+
+    The engine snapshots them before a CUDA-graph warm-up runs a step for real, and restores them.
+    """
+    found: list[torch.Tensor] = []
+    if isinstance(obj, torch.Tensor):
+        found.append(obj)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            found.extend(state_tensors(getattr(obj, f.name)))
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            found.extend(state_tensors(item))
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            found.extend(state_tensors(item))
+    return found
+
+
 @dataclass
 class Method:
     """Base class of every method. Subclasses are dataclasses with their own settings.
@@ -153,7 +276,7 @@ class Method:
     """
 
     name: ClassVar[str] = "base"
-    reports_exposure: ClassVar[bool] = False  # True: end_step reports effective KV exposure itself
+    needs_page_meta: ClassVar[bool] = False  # True: the engine keeps per-page key min/max exact
     dense_layers: int = 0
 
     def __post_init__(self) -> None:
@@ -169,27 +292,6 @@ class Method:
     def is_dense_layer(self, layer: int) -> bool:
         return layer < self.dense_layers
 
-    # ---- per-request state -------------------------------------------------------------
-    def new_state(self, spec: ModelSpec, batch_size: int, device: torch.device) -> Any:
-        """Fresh per-request state. Called once per sample; the engine passes it back on every call."""
-        return None
-
-    # ---- attention ----------------------------------------------------------------------
-    def prefill(
-        self, layer: int, q: torch.Tensor, cache: PagedKVCache, info: StepInfo, state: Any
-    ) -> AttnResult:
-        """Dense causal attention of prompt chunk queries ``q [B, H, S, D]`` over the cache.
-
-        Methods that need statistics of the prompt (e.g. attention received by each key) override
-        this and call :func:`dense_prefill` themselves.
-        """
-        return dense_prefill(layer, q, cache, info)
-
-    def decode(
-        self, layer: int, q: torch.Tensor, cache: PagedKVCache, info: StepInfo, state: Any
-    ) -> AttnResult:
-        raise NotImplementedError
-
     def attended_bound(self, context: int, page_size: int) -> int:
         """Most KV tokens the current query of a sparse layer may attend at this context length.
 
@@ -197,13 +299,40 @@ class Method:
         """
         return context
 
-    def end_step(self, info: StepInfo, cache: PagedKVCache, state: Any) -> dict[str, float]:
-        """Called once after every forward's last layer; returns extra per-step stats (e.g. exposure)."""
+    # ---- per request ----------------------------------------------------------------------
+    def new_state(self, spec: ModelSpec, batch: int, capacity: int, device: torch.device) -> Any:
+        """Fresh state for ``batch`` sequences of up to ``capacity`` tokens, preallocated on ``device``."""
+        return None
+
+    def plan(
+        self, state: Any, ends: list[int], steps: list[int], phase: str, last_chunk: bool = False
+    ) -> dict[str, list[int]]:
+        """Host-side integers of one forward, per sequence: ``ends`` = context lengths after it.
+
+        Called once per forward, in order (prefill chunks, then decode steps), before the forward
+        runs; it may update host-side counters in ``state``. Every call returns the same keys.
+        """
         return {}
 
-    def resident_tokens(self, cache: PagedKVCache, state: Any) -> torch.Tensor:
-        """``[B]`` KV tokens resident in memory (eviction methods free entries)."""
-        return cache.resident_tokens()
+    def prepare(self, fwd: Forward) -> None:
+        """Eager device upkeep before a forward (outside any CUDA graph); default: nothing."""
+
+    def prefilled(self, state: Any, ends: list[int]) -> None:
+        """Put ``state`` where a prefill of ``ends[b]`` tokens would leave it (liveness, counters), for
+        benchmarks that fill the cache with random K/V instead of prefilling; default: nothing."""
+
+    # ---- attention ----------------------------------------------------------------------
+    def prefill(self, layer: int, q: torch.Tensor, fwd: Forward) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense causal attention of a prompt chunk ``q [B, H, S, D]``: ``(out [B, H, S, D], lse [B, H, S])``."""
+        return attend_dense(layer, q, fwd)
+
+    def decode(self, layer: int, q: torch.Tensor, fwd: Forward) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step's attention in ``layer``: ``(out [B, H, S, D], lse [B, H, S] fp32)``."""
+        raise NotImplementedError
+
+    def end_step(self, fwd: Forward) -> dict[str, torch.Tensor]:
+        """Per-step values (``[B]`` each) after the last layer of a decode step: default, resident KV."""
+        return {"resident_kv": fwd.ends.to(torch.float64)}
 
     # ---- description ----------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -218,37 +347,28 @@ class Method:
         return out
 
 
-def attend_live(layer: int, q: torch.Tensor, cache: PagedKVCache, info: StepInfo) -> AttnResult:
-    """Causal attention of ``q [B, H, S, D]`` at ``info.positions`` over every live key of the cache.
-
-    What full attention computes, prefill and decode alike; ``attended [B, S]`` counts the live
-    keys visible to each query.
-    """
-    outs, lses, attended = [], [], []
-    for b in range(q.shape[0]):
-        pos = info.positions[b]
-        end = int(pos.max()) + 1
-        live = cache.live_mask(layer, b, end)
-        out, lse = dense_attention_ref(
-            q[b], cache.keys(layer, b, end), cache.values(layer, b, end), pos, info.scaling, key_mask=live
-        )
-        outs.append(out)
-        lses.append(lse)
-        attended.append(torch.cumsum(live.to(torch.float32), 0)[pos])
-    return AttnResult(out=torch.stack(outs), lse=torch.stack(lses), attended=torch.stack(attended))
-
-
-dense_prefill = attend_live  # prompt chunks are plain causal attention over the live keys
+def attend_dense(
+    layer: int, q: torch.Tensor, fwd: Forward, key_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of ``q [B, H, S, D]`` over every page of the context (optionally only the
+    keys ``key_mask [B, T_max]`` keeps): full attention, dense layers and prefill alike."""
+    c = fwd.cache
+    pages = fwd.all_pages().expand(-1, fwd.spec.num_kv_heads, -1)
+    mask = None if key_mask is None else key_mask.unsqueeze(1).expand(-1, fwd.spec.num_kv_heads, -1)
+    return fwd.ops.sparse_attention(
+        q, c.k[layer], c.v[layer], c.page_table, pages, fwd.pos, fwd.scaling, key_mask=mask, num_units=fwd.n_pages
+    )
 
 
 __all__ = [
-    "AttnResult",
+    "INT32_MAX",
+    "Accounting",
     "Budget",
     "ConfigError",
+    "Forward",
     "Method",
     "ModelSpec",
-    "StepInfo",
     "as_budget",
-    "attend_live",
-    "dense_prefill",
+    "attend_dense",
+    "state_tensors",
 ]

@@ -1,13 +1,13 @@
-"""Shared machinery of the selection methods: budgets to pages, GQA selection policies, and
-attention restricted to a selected key set.
+"""Shared machinery of the selecting methods: a selection, attention over it, and its accounting.
 
-A selecting method answers one question per (layer, sequence, decode step): which keys may the
-current query see? It returns a boolean key mask ``[H_sel, T]`` where ``H_sel`` is the selection
-granularity: ``H_kv`` for ``selection: kv_head`` (one set per KV head, shared by its G query
-heads, so K/V are read once per group), ``H`` for ``q_head`` (Quest's evaluation code), ``1`` for
-``layer`` (one set for all heads). :class:`SelectionMethod.decode` then attends every query of
-the forward over its selection intersected with causality and liveness. RetroAttention reuses
-``select`` and the attention helper unchanged.
+A selecting method answers one question per (layer, decode step): which keys may the current query
+of each sequence see? It returns a :class:`Selection`: per sequence and *selection head*, a list of
+units (pages of P keys, or single tokens) compacted to the front and padded with -1 to a static
+width. The selection heads follow the GQA policy ``selection``: ``kv_head`` (one list per KV head,
+the group's query-head scores summed, so K/V are read once per group), ``q_head`` (one per query
+head, Quest's evaluation code) or ``layer`` (one list for all heads). :class:`SelectionMethod`
+then attends every query of the forward over its selection with the sparse attention op and
+records the accounting. RetroAttention reuses ``select`` and :func:`attend_selection` unchanged.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from typing import Any
 
 import torch
 
-from retrobench.kernels.attention_ref import attention_ref, causal_mask
-from retrobench.methods.base import AttnResult, ConfigError, Method, StepInfo, as_budget, attend_live
+from retrobench.methods.base import ConfigError, Forward, Method, as_budget, attend_dense
 
 SELECTIONS = ("kv_head", "q_head", "layer")
 
@@ -28,62 +27,78 @@ def selection_heads(selection: str, num_heads: int, num_kv_heads: int) -> int:
     return {"kv_head": num_kv_heads, "q_head": num_heads, "layer": 1}[selection]
 
 
-def reduce_head_scores(scores: torch.Tensor, selection: str, num_kv_heads: int) -> torch.Tensor:
-    """Per-query-head scores ``[H, N]`` -> per-selection-head scores ``[H_sel, N]`` (summed over the group)."""
+def reduce_heads(scores: torch.Tensor, selection: str, num_kv_heads: int) -> torch.Tensor:
+    """Per-query-head scores ``[B, H, N]`` -> per-selection-head scores ``[B, H_sel, N]`` (summed)."""
     if selection == "q_head":
         return scores
     if selection == "kv_head":
-        H, N = scores.shape
-        return scores.view(num_kv_heads, H // num_kv_heads, N).sum(dim=1)
-    return scores.sum(dim=0, keepdim=True)
+        B, H, N = scores.shape
+        return scores.view(B, num_kv_heads, H // num_kv_heads, N).sum(dim=2)
+    return scores.sum(dim=1, keepdim=True)
 
 
-def pages_to_tokens(page_mask: torch.Tensor, page_size: int, num_tokens: int) -> torch.Tensor:
-    """``[H_sel, n_pages]`` page mask -> ``[H_sel, T]`` key mask."""
-    return page_mask.repeat_interleave(page_size, dim=-1)[..., :num_tokens]
+@dataclass
+class Selection:
+    """What the current query of each sequence attends in one layer.
 
-
-def topk_with_forced(scores: torch.Tensor, k: int, forced: int) -> torch.Tensor:
-    """Bool mask ``[H_sel, N]``: entry ``forced`` plus the top ``k - 1`` others by ``scores [H_sel, N]``.
-
-    Equal scores break toward the lower index (a stable descending sort), so selections are
-    deterministic; all N entries are selected when ``k >= N``.
+    units: ``[B, H_sel, K]`` long logical units (pages when ``unit == P``, tokens when ``unit == 1``),
+        valid entries first, -1 after; entries unique.
+    unit: tokens per unit.
+    count: ``[B]`` long, an upper bound on the valid entries (the kernel reads only those).
     """
-    H_sel, N = scores.shape
-    mask = torch.zeros(H_sel, N, dtype=torch.bool, device=scores.device)
-    if k >= N:
-        mask[:] = True
-        return mask
-    others = scores.clone()
-    others[:, forced] = float("-inf")
-    order = torch.sort(others, dim=-1, descending=True, stable=True).indices[:, : max(0, k - 1)]
-    mask.scatter_(1, order, True)
-    mask[:, forced] = True
-    return mask
+
+    units: torch.Tensor
+    unit: int
+    count: torch.Tensor
+
+    def valid(self) -> torch.Tensor:
+        return self.units >= 0
+
+    def visible(self, q_pos: torch.Tensor) -> torch.Tensor:
+        """``[B, H_sel, S]`` fp32: keys of the selection at or before each query position ``q_pos [B, S]``."""
+        start = self.units.long().clamp(min=0) * self.unit  # [B, H_sel, K]
+        n = (q_pos.view(q_pos.shape[0], 1, 1, -1) + 1 - start.unsqueeze(-1)).clamp(0, self.unit)
+        return (n * self.valid().unsqueeze(-1)).sum(dim=2).float()
+
+
+def cache_view(fwd: Forward, layer: int, unit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(k, v, table)`` of ``layer`` with units of ``unit`` tokens: the pages, or a one-token-per-unit view."""
+    c = fwd.cache
+    if unit == c.page_size:
+        return c.k[layer], c.v[layer], c.page_table
+    if unit == 1:
+        return c.token_view(layer)
+    raise ValueError(f"a selection unit must be the page size {c.page_size} or 1 token, got {unit}")
 
 
 def attend_selection(
+    layer: int,
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    q_positions: torch.Tensor,
-    scaling: float,
-    select: torch.Tensor,
-    live: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention of ``q [H, S, D]`` over keys in ``select [H_sel, T]`` that are live and causal.
+    fwd: Forward,
+    sel: Selection,
+    page_step: torch.Tensor | None = None,
+    q_step: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every query ``q [B, H, S, D]`` over ``sel`` (causal; with ``page_step``/``q_step``,
+    unit u is visible to row s only if ``page_step[u] < q_step[s]``)."""
+    k, v, table = cache_view(fwd, layer, sel.unit)
+    units = sel.units
+    if units.shape[1] == 1:  # selection: layer -> one list shared by every KV head (no copy)
+        units = units.expand(-1, fwd.spec.num_kv_heads, -1)
+        if page_step is not None:
+            page_step = page_step.expand(-1, fwd.spec.num_kv_heads, -1)
+    return fwd.ops.sparse_attention(
+        q, k, v, table, units, fwd.pos, fwd.scaling, page_step=page_step, q_step=q_step, num_units=sel.count
+    )
 
-    Returns ``out [H, S, D]``, ``lse [H, S]`` and ``attended [S]`` (keys seen per query, averaged
-    over selection heads).
-    """
-    H, S, _ = q.shape
-    H_kv = k.shape[1]
-    mask = select.unsqueeze(1) & causal_mask(q_positions, k.shape[0]).unsqueeze(0) & live  # [H_sel, S, T]
-    attended = mask.sum(dim=-1).float().mean(dim=0)
-    if mask.shape[0] == 1:
-        mask = mask.expand(H_kv, S, -1)
-    out, lse = attention_ref(q, k, v, scaling, mask)
-    return out, lse, attended
+
+def record_selection(layer: int, fwd: Forward, sel: Selection) -> torch.Tensor:
+    """Account the current query's selection in ``layer``: attended keys and pages (means over
+    selection heads). Returns the per-selection-head attended keys ``[B, H_sel]``."""
+    attended = sel.visible(fwd.pos[:, -1:])[..., 0]  # [B, H_sel]
+    pages = sel.valid().sum(dim=-1).float() * (sel.unit / fwd.cache.page_size)
+    fwd.acct.layer(layer, {"attended_kv": attended.mean(dim=1), "pages_selected": pages.mean(dim=1)})
+    return attended
 
 
 @dataclass
@@ -114,52 +129,30 @@ class SelectionMethod(Method):
         """Selected pages (current page included) times P: ceil(budget / P) pages, at least min_pages."""
         return self.budget.num_pages(context, page_size, self.min_pages) * page_size
 
+    def selection_heads(self, spec: Any) -> int:
+        return selection_heads(self.selection, spec.num_heads, spec.num_kv_heads)
+
+    def unit(self, spec: Any) -> int:
+        """Tokens per selected unit: a page (default) or one token."""
+        return spec.page_size
+
     # ---- what subclasses implement --------------------------------------------------------------
-    def select(
-        self, layer: int, q: torch.Tensor, cache: Any, b: int, end: int, state: Any, scaling: float
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Keys for the current query ``q [H, D]`` of sequence ``b`` over positions [0, end).
-
-        ``scaling`` is the model's softmax scale (for methods that rank by attention probabilities).
-
-        Returns ``(mask [H_sel, end] bool, pages [H_sel] float or None)``.
-        """
+    def select(self, layer: int, q: torch.Tensor, fwd: Forward, state: Any) -> Selection:
+        """The selection of the current queries ``q [B, H, D]`` in ``layer`` (static shapes, no sync)."""
         raise NotImplementedError
 
+    def observe(self, layer: int, q: torch.Tensor, sel: Selection, lse: torch.Tensor, fwd: Forward, state: Any) -> None:
+        """After attending: the current queries ``q [B, H, D]`` and their LSE ``[B, H]`` (InfLLM's scores)."""
+
     # ---- shared decode ------------------------------------------------------------------------------
-    def decode(self, layer: int, q: torch.Tensor, cache: Any, info: StepInfo, state: Any) -> AttnResult:
+    def decode(self, layer: int, q: torch.Tensor, fwd: Forward) -> tuple[torch.Tensor, torch.Tensor]:
         if self.is_dense_layer(layer):
-            return dense_decode(layer, q, cache, info)
-        outs, lses, attended, pages = [], [], [], []
-        for b in range(q.shape[0]):
-            pos = info.positions[b]
-            end = int(pos.max()) + 1
-            select, n_pages = self.select(layer, q[b, :, -1], cache, b, end, state, info.scaling)
-            out, lse, att = attend_selection(
-                q[b], cache.keys(layer, b, end), cache.values(layer, b, end), pos, info.scaling, select,
-                cache.live_mask(layer, b, end),
-            )  # fmt: skip
-            outs.append(out)
-            lses.append(lse)
-            attended.append(att)
-            if n_pages is not None:
-                pages.append(n_pages.float().mean().expand(pos.shape[0]))
-        return AttnResult(
-            out=torch.stack(outs),
-            lse=torch.stack(lses),
-            attended=torch.stack(attended),
-            pages=torch.stack(pages) if pages else None,
-        )
-
-
-def dense_decode(layer: int, q: torch.Tensor, cache: Any, info: StepInfo) -> AttnResult:
-    """Full attention for dense layers of selecting methods (not counted in budget accounting)."""
-    return attend_live(layer, q, cache, info)
-
-
-def context_lengths(info: StepInfo) -> list[int]:
-    """Per sequence, the positions seen so far including this forward's last token."""
-    return [int(p.max()) + 1 for p in info.positions]
+            return attend_dense(layer, q, fwd)
+        sel = self.select(layer, q[:, :, -1], fwd, fwd.state)
+        out, lse = attend_selection(layer, q, fwd, sel)
+        self.observe(layer, q[:, :, -1], sel, lse[:, :, -1], fwd, fwd.state)
+        record_selection(layer, fwd, sel)
+        return out, lse
 
 
 def require_no_dense_layers(dense_layers: Any, why: str) -> None:

@@ -1,18 +1,18 @@
 """Full attention: every query attends to every live key at or before its position.
 
 The baseline every selection method is compared with, and what any budget covering the whole
-context must reproduce exactly. Budget accounting: attended KV tokens = all live keys visible to
-the query; no pages are selected.
+context must reproduce exactly. Budget accounting: attended KV tokens = all keys visible to the
+current query (the context); no pages are selected.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
-from retrobench.methods.base import AttnResult, Method, StepInfo, attend_live
+from retrobench.methods.base import Forward, Method, attend_dense
 
 
 @dataclass
@@ -21,5 +21,8 @@ class FullMethod(Method):
 
     name: ClassVar[str] = "full"
 
-    def decode(self, layer: int, q: torch.Tensor, cache: Any, info: StepInfo, state: Any) -> AttnResult:
-        return attend_live(layer, q, cache, info)
+    def decode(self, layer: int, q: torch.Tensor, fwd: Forward) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = attend_dense(layer, q, fwd)
+        if not self.is_dense_layer(layer):
+            fwd.acct.layer(layer, {"attended_kv": (fwd.pos[:, -1] + 1).float()})
+        return out, lse

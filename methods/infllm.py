@@ -14,18 +14,26 @@ or per KV head (``kv_head``). The budget is split as in InfLLM's Llama-3 config 
 16 x 128 of 6272 tokens); a budget covering the context attends every key (= full attention).
 Deviations from InfLLM (ordinary RoPE positions, no offload, per-token retrieval, GQA
 representatives per KV head) are listed in methods/README.md.
+
+Static form: the selection is a token list (the cache seen as one-token units) built on the device
+from the plan's integers: ``[0, n_init)``, the chosen blocks in ascending order, then the
+remainder and local window ``[n_init + nb*block_size, c)``, compacted to the front; its width is
+fixed per request (the largest selection any context up to the capacity can make). Scores live in
+``[L, B, T, H_kv]`` and representatives in ``[L, B, blocks, H_kv, D]``; representatives of blocks
+that just formed (or all of them, when a fraction budget moved n_init) are built eagerly in
+:meth:`InfLLMMethod.prepare`, before the step, outside any CUDA graph.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from retrobench.methods.base import AttnResult, ConfigError, ModelSpec, StepInfo, dense_prefill
-from retrobench.methods.common import SelectionMethod, reduce_head_scores, selection_heads
+from retrobench.methods.base import ConfigError, Forward, ModelSpec, attend_dense
+from retrobench.methods.common import Selection, SelectionMethod, reduce_heads
 
 INFLLM_SELECTIONS = ("layer", "kv_head")
 
@@ -37,47 +45,31 @@ def _is_int(value: Any) -> bool:
 def block_representatives(keys: torch.Tensor, scores: torch.Tensor, repr_topk: int) -> torch.Tensor:
     """Mean of the ``repr_topk`` highest-scored keys of each block, per KV head.
 
-    ``keys [N, L, H_kv, D]``, ``scores [N, L, H_kv]`` -> ``[N, H_kv, D]`` (fp32). Equal scores
-    break toward the earlier token (stable sort), so representatives are deterministic.
+    ``keys [..., N, L, H_kv, D]``, ``scores [..., N, L, H_kv]`` -> ``[..., N, H_kv, D]`` (fp32). Equal
+    scores break toward the earlier token (stable sort), so representatives are deterministic.
     """
-    r = min(repr_topk, keys.shape[1])
-    idx = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :r]  # [N, r, H_kv]
-    picked = keys.float().gather(1, idx.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))
-    return picked.mean(dim=1)
+    r = min(repr_topk, keys.shape[-3])
+    idx = torch.sort(scores, dim=-2, descending=True, stable=True).indices[..., :r, :]  # [..., N, r, H_kv]
+    picked = keys.float().gather(-3, idx.unsqueeze(-1).expand(*idx.shape, keys.shape[-1]))
+    return picked.mean(dim=-3)
 
 
 @dataclass
 class InfLLMState:
-    """Per-request state, keyed by (layer, sequence).
+    """Per request: scores ``[L, B, T + 1, H_kv]`` (the last row absorbs padding), representatives
+    ``[L, B, blocks, H_kv, D]``; on the host, per sequence, the blocks built and the n_init they
+    were built for; the static widths of the selection."""
 
-    score: ``[n, H_kv]`` fp32 representative score of each token so far (grown on demand).
-    seen: last query position whose probabilities were added (so a repeated call adds nothing).
-    reprs: ``(n_init it was built for, [n_blocks, H_kv, D])`` representatives of the formed blocks.
-    """
-
-    score: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
-    seen: dict[tuple[int, int], int] = field(default_factory=dict)
-    reprs: dict[tuple[int, int], tuple[int, torch.Tensor]] = field(default_factory=dict)
-
-    def add(self, key: tuple[int, int], start: int, probs: torch.Tensor) -> None:
-        """Add ``probs [n, H_kv]`` to the scores of positions [start, start + n)."""
-        need = start + probs.shape[0]
-        cur = self.score.get(key)
-        if cur is None or cur.shape[0] < need:
-            grown = probs.new_zeros(max(need, 2 * (0 if cur is None else cur.shape[0])), probs.shape[1])
-            if cur is not None:
-                grown[: cur.shape[0]] = cur
-            self.score[key] = cur = grown
-        cur[start:need] += probs
-
-    def scores(self, key: tuple[int, int], end: int, num_kv_heads: int, device: Any) -> torch.Tensor:
-        """``[end, H_kv]`` scores of positions [0, end) (zero where nothing was recorded)."""
-        out = torch.zeros(end, num_kv_heads, device=device)
-        cur = self.score.get(key)
-        if cur is not None:
-            n = min(end, cur.shape[0])
-            out[:n] = cur[:n]
-        return out
+    score: torch.Tensor
+    reprs: torch.Tensor
+    page_size: int
+    n_init_max: int
+    topk_max: int
+    tail_max: int
+    n_local_max: int
+    built: list[int]
+    origin: list[int]
+    pending: list[tuple[int, int, int, int]]  # (b, n_init, first block, end block) to build before the step
 
 
 @dataclass
@@ -145,113 +137,127 @@ class InfLLMMethod(SelectionMethod):
             return context
         return min(context, n_init + n_local + topk * self.block_size + self.block_size - 1)
 
-    # ---- state ------------------------------------------------------------------------------------
-    def new_state(self, spec: ModelSpec, batch_size: int, device: torch.device) -> InfLLMState:
+    # ---- state and plan ---------------------------------------------------------------------------
+    def unit(self, spec: ModelSpec) -> int:
+        return 1  # token-level selection: sinks and the window need not be page-aligned
+
+    def new_state(self, spec: ModelSpec, batch: int, capacity: int, device: torch.device) -> InfLLMState:
         if self.block_size % spec.page_size:
             raise ConfigError(
                 f"method.block_size={self.block_size} must be a multiple of engine.page_size={spec.page_size}"
             )
-        return InfLLMState()
+        P = spec.page_size
+        T = math.ceil(capacity / P) * P
+        budget, n_init, n_local, topk = self.split(capacity, P)  # every part grows with the context
+        n_init, n_local, topk = min(n_init, capacity), min(n_local, capacity), min(topk, capacity // self.block_size)
+        tail = min(capacity, max(self.block_size - 1 + n_local, budget))
+        L, H_kv, D = spec.num_layers, spec.num_kv_heads, spec.head_dim
+        return InfLLMState(
+            score=torch.zeros(L, batch, T + 1, H_kv, device=device),
+            reprs=torch.zeros(L, batch, max(1, capacity // self.block_size), H_kv, D, device=device),
+            page_size=P, n_init_max=n_init, topk_max=max(1, topk), tail_max=tail, n_local_max=n_local,
+            built=[0] * batch, origin=[-1] * batch, pending=[],
+        )  # fmt: skip
+
+    def layout(self, end: int, page_size: int) -> dict[str, int]:
+        """The selection at context ``end``: sinks, blocks formed / chosen, tail start, local window."""
+        budget, n_init, n_local, topk = self.split(end, page_size)
+        if budget >= end:  # every key: exactly full attention
+            return {"n_init": 0, "nb": 0, "kb": 0, "tail": 0, "local": min(n_local, end), "repr_init": n_init}
+        nb = max(0, (end - n_local - n_init) // self.block_size)
+        return {"n_init": n_init, "nb": nb, "kb": min(nb, topk), "tail": n_init + nb * self.block_size,
+                "local": n_local, "repr_init": n_init}  # fmt: skip
+
+    def plan(
+        self, state: InfLLMState, ends: list[int], steps: list[int], phase: str, last_chunk: bool = False
+    ) -> dict[str, list[int]]:
+        rows = [self.layout(e, state.page_size) for e in ends]
+        if phase == "decode":
+            for b, row in enumerate(rows):  # representatives to build before this step
+                if row["nb"] > row["kb"] > 0:
+                    if state.origin[b] != row["repr_init"]:  # block boundaries moved: rebuild all
+                        state.origin[b], state.built[b] = row["repr_init"], 0
+                    if row["nb"] > state.built[b]:
+                        state.pending.append((b, row["repr_init"], state.built[b], row["nb"]))
+                        state.built[b] = row["nb"]
+        keys = ("n_init", "nb", "kb", "tail", "local")
+        values = {k: [row[k] for row in rows] for k in keys}
+        values["count"] = [row["n_init"] + row["kb"] * self.block_size + e - row["tail"] for row, e in zip(rows, ends)]
+        return values
+
+    def prepare(self, fwd: Forward) -> None:
+        """Build the representatives the plan asked for, every sparse layer at once (eager)."""
+        state: InfLLMState = fwd.state
+        c, bs, first = fwd.cache, self.block_size, self.dense_layers
+        for b, n_init, j0, j1 in state.pending:
+            pos = torch.arange(n_init + j0 * bs, n_init + j1 * bs, device=state.score.device)
+            keys = c.gather_keys(b, pos, layers=slice(first, None))  # [L', n, H_kv, D]
+            scores = state.score[first:, b, pos]  # [L', n, H_kv]
+            n = j1 - j0
+            state.reprs[first:, b, j0:j1] = block_representatives(
+                keys.view(keys.shape[0], n, bs, *keys.shape[2:]), scores.view(scores.shape[0], n, bs, -1), self.repr_topk
+            )
+        state.pending.clear()
 
     # ---- prefill: dense, plus representative scores of the prompt's keys ---------------------------
-    def prefill(
-        self, layer: int, q: torch.Tensor, cache: Any, info: StepInfo, state: InfLLMState
-    ) -> AttnResult:
-        result = dense_prefill(layer, q, cache, info)
+    def prefill(self, layer: int, q: torch.Tensor, fwd: Forward) -> tuple[torch.Tensor, torch.Tensor]:
+        out, lse = attend_dense(layer, q, fwd)
         if self.is_dense_layer(layer):
-            return result
-        H, H_kv = q.shape[1], cache.num_kv_heads
-        for b in range(q.shape[0]):
-            key = (layer, b)
-            new = info.positions[b] > state.seen.get(key, -1)
-            if not bool(new.any()):
-                continue
-            pos, qb, lse = info.positions[b][new], q[b][:, new].float(), result.lse[b][:, new]
-            n_local = [self.split(p + 1, cache.page_size)[2] for p in pos.tolist()]
-            n_local = torch.tensor(n_local, device=pos.device)
-            end = int(pos.max()) + 1
-            lo = max(0, int((pos - n_local + 1).min()))
-            k = cache.keys(layer, b, end)[lo:].float().repeat_interleave(H // H_kv, dim=1)  # [T', H, D]
-            kpos = torch.arange(lo, end, device=pos.device)
-            dist = pos.unsqueeze(1) - kpos.unsqueeze(0)  # [S, T']
-            window = (dist >= 0) & (dist < n_local.unsqueeze(1)) & cache.live_mask(layer, b, end)[lo:]
-            logits = torch.einsum("hsd,thd->hst", qb, k) * info.scaling
-            probs = torch.exp(logits - lse.unsqueeze(-1)).masked_fill(~window, 0.0).sum(dim=1)  # [H, T']
-            state.add(key, lo, probs.view(H_kv, H // H_kv, -1).sum(dim=1).transpose(0, 1))
-            state.seen[key] = end - 1
-        return result
+            return out, lse
+        state: InfLLMState = fwd.state
+        B, H, S, _ = q.shape
+        H_kv = fwd.spec.num_kv_heads
+        pos = fwd.pos[0]  # prompt chunks hold the same positions in every sequence
+        n_local = torch.tensor([self.split(p + 1, state.page_size)[2] for p in pos.tolist()], device=pos.device)
+        lo = max(0, int((pos - n_local + 1).min()))
+        end = int(pos[-1]) + 1
+        kpos = torch.arange(lo, end, device=pos.device)
+        keys = fwd.cache.gather_keys_batch(layer, kpos).float().repeat_interleave(H // H_kv, dim=2)  # [B, T', H, D]
+        logits = torch.einsum("bhsd,bthd->bhst", q.float(), keys) * fwd.scaling
+        dist = pos.view(S, 1) - kpos.view(1, -1)
+        window = (dist >= 0) & (dist < n_local.view(S, 1))  # [S, T']
+        probs = torch.exp(logits - lse.unsqueeze(-1)).masked_fill(~window, 0.0).sum(dim=2)  # [B, H, T']
+        state.score[layer][:, lo:end] += probs.view(B, H_kv, H // H_kv, -1).sum(dim=2).transpose(1, 2)
+        return out, lse
 
-    # ---- selection --------------------------------------------------------------------------------
-    def representatives(
-        self, layer: int, cache: Any, b: int, state: InfLLMState, n_init: int, nb: int
-    ) -> torch.Tensor:
-        """``[nb, H_kv, D]`` representatives of the first ``nb`` blocks, each computed once when formed."""
-        key, bs, H_kv = (layer, b), self.block_size, cache.num_kv_heads
-        origin, have = state.reprs.get(key, (n_init, None))
-        if have is None or origin != n_init:  # a fraction budget moved n_init: block boundaries moved
-            have = torch.zeros(0, H_kv, cache.head_dim, device=cache.k.device)
-        if have.shape[0] < nb:
-            s0, s1 = n_init + have.shape[0] * bs, n_init + nb * bs
-            keys = cache.keys(layer, b, s1)[s0:].reshape(-1, bs, H_kv, cache.head_dim)
-            scores = state.scores(key, s1, H_kv, keys.device)[s0:].reshape(-1, bs, H_kv)
-            have = torch.cat([have, block_representatives(keys, scores, self.repr_topk)])
-            state.reprs[key] = (n_init, have)
-        return have[:nb]
+    # ---- selection ----------------------------------------------------------------------------------
+    def select(self, layer: int, q: torch.Tensor, fwd: Forward, state: InfLLMState) -> Selection:
+        """Sinks + the chosen blocks + remainder and local window, as a token list (static width)."""
+        plan, bs = fwd.plan, self.block_size
+        H_kv = fwd.spec.num_kv_heads
+        reprs = state.reprs[layer]  # [B, blocks, H_kv, D]
+        per_head = torch.einsum("bhd,bnhd->bhn", q.float(), reprs.repeat_interleave(q.shape[1] // H_kv, dim=2))
+        scores = reduce_heads(per_head, self.selection, H_kv)  # [B, H_sel, blocks]
+        formed = torch.arange(scores.shape[-1], device=q.device).view(1, 1, -1) < plan["nb"].view(-1, 1, 1)
+        scores = torch.where(formed, scores, torch.full_like(scores, float("-inf")))
+        chosen = fwd.ops.topk_forced(scores, plan["kb"], state.topk_max).long()  # [B, H_sel, topk_max]
+        chosen = torch.sort(torch.where(chosen < 0, scores.shape[-1], chosen), dim=-1).values  # ascending
+        width = min(state.n_init_max + state.topk_max * bs + state.tail_max, state.score.shape[2] - 1)
+        i = torch.arange(width, device=q.device).view(1, 1, width)
+        a = plan["n_init"].view(-1, 1, 1)
+        blocks_end = a + plan["kb"].view(-1, 1, 1) * bs
+        count = plan["count"].view(-1, 1, 1)
+        r = ((i - a) // bs).clamp(0, state.topk_max - 1).expand(chosen.shape[0], chosen.shape[1], -1)
+        block_tok = a + torch.gather(chosen, 2, r) * bs + (i - a) % bs
+        tail_tok = plan["tail"].view(-1, 1, 1) + (i - blocks_end)
+        tokens = torch.where(i < a, i, torch.where(i < blocks_end, block_tok, tail_tok))
+        tokens = torch.where(i < count, tokens, torch.full_like(tokens, -1))
+        return Selection(tokens, 1, plan["count"])
 
-    def block_scores(
-        self, layer: int, q: torch.Tensor, cache: Any, b: int, state: InfLLMState, n_init: int, nb: int
-    ) -> torch.Tensor:
-        """``[H_sel, nb]``: ``Σ_h q_h · r_{block, kv(h)}`` over the layer's (or a group's) query heads."""
-        reprs = self.representatives(layer, cache, b, state, n_init, nb)
-        reprs = reprs.repeat_interleave(q.shape[0] // cache.num_kv_heads, dim=1)  # [nb, H, D]
-        per_head = torch.einsum("hd,nhd->hn", q.float(), reprs)
-        return reduce_head_scores(per_head, self.selection, cache.num_kv_heads)
-
-    def select(
-        self, layer: int, q: torch.Tensor, cache: Any, b: int, end: int, state: InfLLMState, scaling: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sinks + local window + remainder + top-k blocks for ``q [H, D]``; records the local scores."""
-        P, bs = cache.page_size, self.block_size
-        budget, n_init, n_local, topk = self.split(end, P)
-        H_sel = selection_heads(self.selection, q.shape[0], cache.num_kv_heads)
-        mask = torch.ones(H_sel, end, dtype=torch.bool, device=q.device)
-        if budget < end:  # otherwise every key: exactly full attention
-            nb = (end - n_local - n_init) // bs  # full blocks out of the local window
-            first_rem = n_init + nb * bs
-            if nb > topk:
-                mask[:, n_init:first_rem] = False
-                if topk > 0:
-                    scores = self.block_scores(layer, q, cache, b, state, n_init, nb)
-                    chosen = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :topk]
-                    blocks = torch.zeros(H_sel, nb, dtype=torch.bool, device=q.device)
-                    blocks.scatter_(1, chosen, True)
-                    mask[:, n_init:first_rem] = blocks.repeat_interleave(bs, dim=1)
-        self._record(layer, q, cache, b, end, state, mask, n_local, scaling)
-        return mask, mask.sum(dim=-1).float() / P
-
-    def _record(
-        self,
-        layer: int,
-        q: torch.Tensor,
-        cache: Any,
-        b: int,
-        end: int,
-        state: InfLLMState,
-        mask: torch.Tensor,
-        n_local: int,
-        scaling: float,
-    ) -> None:
+    def observe(self, layer: int, q: torch.Tensor, sel: Selection, lse: torch.Tensor, fwd: Forward, state: Any) -> None:
         """Add the current query's probabilities (softmax over its selection) to its local-window keys."""
-        key, n_local = (layer, b), min(n_local, end)
-        if end - 1 <= state.seen.get(key, -1):
-            return
-        H, H_kv = q.shape[0], cache.num_kv_heads
-        G = H // H_kv
-        k = cache.keys(layer, b, end).float().repeat_interleave(G, dim=1)  # [end, H, D]
-        logits = torch.einsum("hd,thd->ht", q.float(), k) * scaling
-        m = mask.expand(H, -1) if mask.shape[0] == 1 else mask.repeat_interleave(H // mask.shape[0], dim=0)
-        m = m & cache.live_mask(layer, b, end)
-        lse = torch.logsumexp(logits.masked_fill(~m, float("-inf")), dim=-1, keepdim=True)
-        probs = torch.exp(logits[:, end - n_local :] - lse).masked_fill(~m[:, end - n_local :], 0.0)
-        state.add(key, end - n_local, probs.view(H_kv, G, -1).sum(dim=1).transpose(0, 1))
-        state.seen[key] = end - 1
+        B, H, _ = q.shape
+        H_kv = fwd.spec.num_kv_heads
+        T = state.score.shape[2] - 1
+
+        def window() -> torch.Tensor:  # [B, W]: positions end - n_local .. end - 1, then -1
+            i = torch.arange(state.n_local_max, device=q.device).view(1, -1)
+            local = fwd.plan["local"].view(-1, 1)
+            return torch.where(i < local, fwd.ends.view(-1, 1) - local + i, torch.full_like(i, -1))
+
+        win = fwd.derived("infllm_window", window)
+        c = fwd.cache
+        logits = fwd.ops.paged_logits(q, c.k[layer], c.page_table, win, fwd.scaling)  # [B, H, W]
+        probs = torch.exp(logits - lse.unsqueeze(-1)).view(B, H_kv, H // H_kv, -1).sum(dim=2)  # [B, H_kv, W]
+        index = torch.where(win < 0, T, win).unsqueeze(-1).expand(-1, -1, H_kv)
+        state.score[layer].scatter_add_(1, index, probs.transpose(1, 2))

@@ -14,8 +14,17 @@ too). Per decode step T and sparse layer:
 
 After t leaves the window its output equals attention over the union of what steps t..t+w-1
 loaded (restricted to keys at or before t) — exactly so in the first sparse layer, where t's query
-never changes. ``A`` is kept per key rather than per page so token-level bases (oracle tokens,
-InfLLM's windows) work; for page-aligned bases it is the paper's per-page mask.
+never changes. ``A`` is kept per selection *unit* of the base: per page for page-selecting bases
+(quest, oracle pages: the paper's per-page mask), per token for token-level bases (oracle tokens,
+InfLLM's windows).
+
+Static state, preallocated per request: ``A [L, B, H_sel, units + 1]`` (the last column absorbs
+padding), and the output cache ``[L, B, w-1, ...]``: per past token its merged output and LSE
+(fp32), its own and exposed key counts per selection head, and its query (``past_query:
+cached``). Slot j holds the token generated ``w-1-j`` steps before the current one; each step the
+oldest leaves (its exposure is recorded) and the current token enters the newest slot. The past
+tokens are extra query rows of the current token's one sparse-attention call (they read no extra
+K/V); ``A < q_step`` hides units a row has already seen.
 
 Open choices of the paper are settings: ``past_query`` (``recomputed``: the past token's query as
 re-embedded this step, default; ``cached``: the query it had when it was current), plus the base's
@@ -24,16 +33,17 @@ re-embedded this step, default; ``cached``: the query it had when it was current
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import math
 import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from retrobench.kernels.attention_ref import attention_ref, causal_mask, merge_states_ref
-from retrobench.methods.base import AttnResult, ConfigError, Method, ModelSpec, StepInfo
-from retrobench.methods.common import SelectionMethod, attend_selection, dense_decode, selection_heads
+from retrobench.methods.base import ConfigError, Forward, Method, ModelSpec, attend_dense
+from retrobench.methods.common import Selection, SelectionMethod, attend_selection, record_selection
 
 PAST_QUERIES = ("recomputed", "cached")
 
@@ -54,24 +64,16 @@ def selecting_methods() -> dict[str, type[SelectionMethod]]:
 
 
 @dataclass
-class PastEntry:
-    """Output-cache entry of one past token in one layer: its state and exposure counts."""
-
-    step: int
-    out: torch.Tensor  # [H, D] current merged output
-    lse: torch.Tensor  # [H] its log-sum-exp
-    query: torch.Tensor  # [H, D] the query it had when it was current (past_query: cached)
-    own: torch.Tensor  # [H_sel] keys in its own selection (visible to it)
-    exposed: torch.Tensor  # [H_sel] own + supplement keys
-
-
-@dataclass
 class RetroState:
     base: Any
-    last_loaded: torch.Tensor  # A: [L, B, H_sel, max_tokens] int64, -1 = never loaded
-    outputs: list[list[dict[int, PastEntry]]]  # [layer][b] position -> entry
-    finished: list[float] = field(default_factory=list)  # exposures finalised this step
-    supplement: list[float] = field(default_factory=list)  # supplement keys attended this step
+    last_loaded: torch.Tensor  # A: [L, B, H_sel, units + 1] int32, -1 = never loaded
+    out: torch.Tensor  # [L, B, w-1, H, D] fp32 merged outputs of the past tokens
+    lse: torch.Tensor  # [L, B, w-1, H] fp32 (-inf: empty slot)
+    own: torch.Tensor  # [L, B, w-1, H_sel] keys in each past token's own selection
+    exposed: torch.Tensor  # [L, B, w-1, H_sel] own + supplement keys
+    query: torch.Tensor | None  # [L, B, w-1, H, D] the query a past token had when current (cached)
+    unit: int
+    cache_bytes: float  # bytes of the output cache per sequence
 
 
 @dataclass
@@ -121,95 +123,126 @@ class RetroMethod(Method):
     def reprocess_window(self) -> int:
         return self.window
 
+    @property
+    def needs_page_meta(self) -> bool:  # type: ignore[override]
+        return self.selector.needs_page_meta
+
     def attended_bound(self, context: int, page_size: int) -> int:
         return self.selector.attended_bound(context, page_size)
 
-    # ---- state ------------------------------------------------------------------------------
-    def new_state(self, spec: ModelSpec, batch_size: int, device: torch.device) -> RetroState:
-        h_sel = selection_heads(self.selection, spec.num_heads, spec.num_kv_heads)
+    # ---- state and plan ---------------------------------------------------------------------------
+    def new_state(self, spec: ModelSpec, batch: int, capacity: int, device: torch.device) -> RetroState:
+        unit = self.selector.unit(spec)
+        units = math.ceil(capacity / spec.page_size) * spec.page_size // unit
+        L, H, D, slots = spec.num_layers, spec.num_heads, spec.head_dim, self.window - 1
+        h_sel = self.selector.selection_heads(spec)
+        f32 = {"dtype": torch.float32, "device": device}
+        cached = self.past_query == "cached"
+        q_bytes = H * D * torch.finfo(torch.get_default_dtype()).bits // 8 if cached else 0
         return RetroState(
-            base=self.selector.new_state(spec, batch_size, device),
-            last_loaded=torch.full((spec.num_layers, batch_size, h_sel, 0), -1, dtype=torch.long, device=device),
-            outputs=[[{} for _ in range(batch_size)] for _ in range(spec.num_layers)],
+            base=self.selector.new_state(spec, batch, capacity, device),
+            last_loaded=torch.full((L, batch, h_sel, units + 1), -1, dtype=torch.int32, device=device),
+            out=torch.zeros(L, batch, slots, H, D, **f32),
+            lse=torch.full((L, batch, slots, H), float("-inf"), **f32),
+            own=torch.zeros(L, batch, slots, h_sel, **f32),
+            exposed=torch.zeros(L, batch, slots, h_sel, **f32),
+            query=torch.zeros(L, batch, slots, H, D, device=device) if cached else None,
+            unit=unit,
+            cache_bytes=float((L - self.dense_layers) * slots * (H * D * 4 + H * 4 + q_bytes)),
         )
 
-    def prefill(self, layer: int, q: torch.Tensor, cache: Any, info: StepInfo, state: RetroState) -> AttnResult:
-        return self.selector.prefill(layer, q, cache, info, state.base)
+    def plan(
+        self, state: RetroState, ends: list[int], steps: list[int], phase: str, last_chunk: bool = False
+    ) -> dict[str, list[int]]:
+        values = self.selector.plan(state.base, ends, steps, phase, last_chunk)
+        values["leaving"] = [int(s >= self.window - 1) for s in steps]  # the oldest past token leaves
+        return values
 
-    # ---- decode -------------------------------------------------------------------------------
-    def decode(self, layer: int, q: torch.Tensor, cache: Any, info: StepInfo, state: RetroState) -> AttnResult:
-        if self.is_dense_layer(layer):
-            return dense_decode(layer, q, cache, info)
-        self._grow(state, cache.max_tokens)
-        outs, lses, attended, pages = [], [], [], []
-        for b in range(q.shape[0]):
-            out, lse, att, n_pages = self._decode_one(layer, q[b], cache, info, state, b)
-            outs.append(out)
-            lses.append(lse)
-            attended.append(att)
-            pages.append(n_pages)
-        return AttnResult(out=torch.stack(outs), lse=torch.stack(lses), attended=torch.stack(attended),
-                          pages=torch.stack(pages) if pages[0] is not None else None)  # fmt: skip
+    def _base_fwd(self, fwd: Forward) -> Forward:
+        return dataclasses.replace(fwd, state=fwd.state.base)
 
-    def _decode_one(self, layer: int, q: torch.Tensor, cache: Any, info: StepInfo, state: RetroState, b: int):
-        pos = info.positions[b]  # [S]: S-1 past tokens, then the current one
-        S, T = pos.shape[0], info.step
-        end = int(pos[-1]) + 1
-        keys, values = cache.keys(layer, b, end), cache.values(layer, b, end)
-        live = cache.live_mask(layer, b, end)
-        select, n_pages = self.selector.select(layer, q[:, -1], cache, b, end, state.base, info.scaling)
-        out_t, lse_t, att_t = attend_selection(q[:, -1:], keys, values, pos[-1:], info.scaling, select, live)
-        A = state.last_loaded[layer, b, :, :end]  # [H_sel, end]
-        entries = state.outputs[layer][b]
-        outs, lses = [], []
-        attended = torch.zeros(S)
-        for i in range(S - 1):  # supplementary attention of each past token in the window
-            p, step_i = int(pos[i]), T - (S - 1) + i
-            entry = entries[p]
-            new = select & (A < step_i) & live & causal_mask(pos[i : i + 1], end)  # [H_sel, end]
-            query = q[:, i : i + 1] if self.past_query == "recomputed" else entry.query.unsqueeze(1)
-            sup_out, sup_lse = attention_ref(query, keys, values, info.scaling, new.unsqueeze(1))
-            entry.out, entry.lse = merge_states_ref(entry.out, entry.lse, sup_out[:, 0], sup_lse[:, 0])
-            count = new.sum(dim=-1).float()
-            entry.exposed = entry.exposed + count
-            attended[i] = count.mean()
-            state.supplement.append(float(count.mean()))
-            outs.append(entry.out)
-            lses.append(entry.lse)
-        A[select] = T  # every key loaded now
-        own = (select & live & causal_mask(pos[-1:], end)).sum(dim=-1).float()
-        entries[int(pos[-1])] = PastEntry(T, out_t[:, 0], lse_t[:, 0], q[:, -1].clone(), own, own.clone())
-        for p in [p for p, e in entries.items() if e.step <= T + 1 - self.window]:  # leaves the window
-            done = entries.pop(p)
-            state.finished.append(float((done.exposed / done.own.clamp_min(1)).mean()))
-        outs.append(out_t[:, 0])
-        lses.append(lse_t[:, 0])
-        attended[-1] = att_t[0]
-        n = n_pages.float().mean().expand(S) if n_pages is not None else None
-        return torch.stack(outs, dim=1), torch.stack(lses, dim=1), attended, n
+    def prepare(self, fwd: Forward) -> None:
+        self.selector.prepare(self._base_fwd(fwd))
 
-    def _grow(self, state: RetroState, max_tokens: int) -> None:
-        if state.last_loaded.shape[-1] < max_tokens:
-            L, B, H_sel, _ = state.last_loaded.shape
-            grown = torch.full((L, B, H_sel, max_tokens), -1, dtype=torch.long, device=state.last_loaded.device)
-            grown[..., : state.last_loaded.shape[-1]] = state.last_loaded
-            state.last_loaded = grown
+    def prefilled(self, state: RetroState, ends: list[int]) -> None:
+        self.selector.prefilled(state.base, ends)
 
-    def end_step(self, info: StepInfo, cache: Any, state: RetroState) -> dict[str, float]:
-        stats: dict[str, float] = {}
-        if state.finished:
-            stats["exposure"] = sum(state.finished) / len(state.finished)
-        stats["supplement_kv"] = sum(state.supplement) / max(1, len(state.supplement)) if state.supplement else 0.0
-        stats["output_cache_bytes"] = float(self.output_cache_bytes(state))
-        state.finished, state.supplement = [], []
-        return stats
+    def prefill(self, layer: int, q: torch.Tensor, fwd: Forward) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.selector.prefill(layer, q, self._base_fwd(fwd))
+
+    # ---- decode -------------------------------------------------------------------------------------
+    def decode(self, layer: int, q: torch.Tensor, fwd: Forward) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.is_dense_layer(layer):  # past tokens are recomputed with full attention
+            return attend_dense(layer, q, fwd)
+        state: RetroState = fwd.state
+        S = q.shape[2]
+        q_cur = q[:, :, -1]
+        sel = self.selector.select(layer, q_cur, fwd, state.base)
+        A = state.last_loaded[layer]
+        if S == 1:
+            out, lse = attend_selection(layer, q, fwd, sel)
+        else:
+            rows = q
+            if self.past_query == "cached":  # the queries the past tokens had when they were current
+                past = state.query[layer][:, -(S - 1) :].transpose(1, 2).to(q.dtype)
+                rows = torch.cat([past, q[:, :, -1:]], dim=2)
+            out, lse = attend_selection(layer, rows, fwd, sel, page_step=A, q_step=fwd.q_step)
+        self.selector.observe(layer, q_cur, sel, lse[:, :, -1], fwd, state.base)
+        own = record_selection(layer, fwd, sel)  # [B, H_sel]
+        return self._update(layer, q_cur, sel, A, out, lse, own, fwd)
+
+    def _update(
+        self, layer: int, q_cur: torch.Tensor, sel: Selection, A: torch.Tensor, out: torch.Tensor,
+        lse: torch.Tensor, own: torch.Tensor, fwd: Forward,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Merge the past rows into the output cache, retire the oldest token, push the current one, set A."""
+        state: RetroState = fwd.state
+        S, slots = out.shape[2], self.window - 1
+        values = {"supplement_kv": torch.zeros_like(own[:, 0])}
+        if slots == 0:  # w = 1: the current token leaves at once, exposed to its own selection only
+            values["exposure"] = torch.ones_like(own[:, 0])
+        else:
+            oc, lc, ow, ex = state.out[layer], state.lse[layer], state.own[layer], state.exposed[layer]
+            if S > 1:
+                past = slice(slots - (S - 1), slots)
+                m_out, m_lse = fwd.ops.merge_states(
+                    oc[:, past], lc[:, past], out[:, :, :-1].transpose(1, 2).float(), lse[:, :, :-1].transpose(1, 2)
+                )  # fmt: skip
+                oc[:, past] = m_out
+                lc[:, past] = m_lse
+                new = self._supplement(sel, A, fwd, S)  # [B, H_sel, S-1]
+                ex[:, past] += new.transpose(1, 2)
+                values["supplement_kv"] = new.mean(dim=(1, 2))
+                out = torch.cat([m_out.transpose(1, 2).to(out.dtype), out[:, :, -1:]], dim=2)
+                lse = torch.cat([m_lse.transpose(1, 2), lse[:, :, -1:]], dim=2)
+            values["exposure"] = (ex[:, 0] / ow[:, 0].clamp(min=1)).mean(dim=-1)  # the leaving token
+            for t, new_row in ((oc, out[:, :, -1].float()), (lc, lse[:, :, -1]), (ow, own), (ex, own)):
+                if slots > 1:
+                    t[:, :-1] = t[:, 1:].clone()
+                t[:, -1] = new_row
+            if state.query is not None:
+                qc = state.query[layer]
+                if slots > 1:
+                    qc[:, :-1] = qc[:, 1:].clone()
+                qc[:, -1] = q_cur
+        fwd.acct.layer(layer, values, valid={"exposure": fwd.plan["leaving"]})
+        units = sel.units.long()
+        index = torch.where(units < 0, torch.full_like(units, A.shape[-1] - 1), units)
+        A.scatter_(2, index, fwd.step.view(-1, 1, 1).expand_as(index).to(A.dtype))
+        return out, lse
 
     @staticmethod
-    def output_cache_bytes(state: RetroState) -> int:
-        """Bytes held by the output cache (outputs, LSEs and cached queries of past tokens)."""
-        total = 0
-        for layer in state.outputs:
-            for entries in layer:
-                for e in entries.values():
-                    total += sum(t.numel() * t.element_size() for t in (e.out, e.lse, e.query))
-        return total
+    def _supplement(sel: Selection, A: torch.Tensor, fwd: Forward, S: int) -> torch.Tensor:
+        """``[B, H_sel, S-1]`` keys of ``sel`` new to each past row (``A < its step``, at or before it)."""
+        units = sel.units.long()
+        valid = units >= 0
+        seen = torch.gather(A, 2, units.clamp(min=0)).long()  # [B, H_sel, K]
+        new = valid.unsqueeze(-1) & (seen.unsqueeze(-1) < fwd.q_step[:, : S - 1].view(-1, 1, 1, S - 1))
+        start = units.clamp(min=0).unsqueeze(-1) * sel.unit
+        visible = (fwd.pos[:, : S - 1].view(-1, 1, 1, S - 1) + 1 - start).clamp(0, sel.unit)
+        return (visible * new).sum(dim=2).float()
+
+    def end_step(self, fwd: Forward) -> dict[str, torch.Tensor]:
+        values = self.selector.end_step(self._base_fwd(fwd))
+        values["output_cache_bytes"] = torch.full_like(values["resident_kv"], fwd.state.cache_bytes)
+        return values

@@ -15,6 +15,13 @@ context is the positions seen so far including the current token, re-evaluated e
   ``budget(L)`` with the last prompt token's weights (the whole prompt at once, as TOVA does).
 * Decode: attend over live keys, then evict the lowest-weight tokens until at most ``budget``
   are live. The newest token is never evicted (the original code does not enforce this).
+
+How many tokens a step evicts is known on the host (live count = min(context, budget) after every
+step, so a decode step evicts ``budget(c - 1) + 1 - budget(c)`` tokens: 0 or 1), which keeps the
+decode step static: the weights are ``exp(logit - lse)`` of the current query over the live keys
+(``kernels/scores.py``; the LSE from its attention), averaged over heads, and the lowest one is
+dropped where the plan says so (``argmin``: ties go to the lower position). Liveness is a
+``[L, B, T]`` mask in the state; attention reads every page of the context under that mask.
 """
 
 from __future__ import annotations
@@ -24,23 +31,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from retrobench.methods.base import AttnResult, Method, StepInfo, as_budget, attend_live
-from retrobench.methods.common import context_lengths, require_no_dense_layers
+from retrobench.methods.base import Forward, Method, ModelSpec, as_budget, attend_dense
+from retrobench.methods.common import require_no_dense_layers
 
 
-def head_mean_weights(q: torch.Tensor, k: torch.Tensor, scaling: float, visible: torch.Tensor) -> torch.Tensor:
-    """``[T]`` softmax weights of one query ``q [H, D]`` over keys ``k [T, H_kv, D]`` restricted to
-    ``visible [T]``, averaged over the H query heads (query head h reads KV head h // G), in fp32."""
-    G = q.shape[0] // k.shape[1]
-    scores = torch.einsum("hd,thd->ht", q.float(), k.float().repeat_interleave(G, dim=1)) * scaling
-    scores = scores.masked_fill(~visible.unsqueeze(0), float("-inf"))
-    return torch.softmax(scores, dim=-1).mean(dim=0)
-
-
-def lowest_weight(weights: torch.Tensor, candidates: torch.Tensor, n: int) -> torch.Tensor:
-    """Positions of the ``n`` candidates with the lowest weight (ties: the lower position first)."""
-    masked = weights.masked_fill(~candidates, float("inf"))
-    return torch.sort(masked, stable=True).indices[:n]
+@dataclass
+class TOVAState:
+    live: torch.Tensor  # [L, B, T] bool
+    count: list[int]  # host: live tokens per sequence after the last forward (every layer alike)
 
 
 @dataclass
@@ -66,30 +64,77 @@ class TOVAMethod(Method):
         """The budgeted cache of the previous step plus the current token."""
         return min(context, self.budget.budget_tokens(context - 1) + 1)
 
-    def compress(self, layer: int, q: torch.Tensor, cache: Any, info: StepInfo) -> None:
-        """Cut ``layer`` to the budget with the weights of each sequence's last query ``q[b, :, -1]``."""
-        for b, end in enumerate(context_lengths(info)):
-            live = cache.live_mask(layer, b, end)
-            excess = int(live.sum()) - self.budget.budget_tokens(end)
-            if excess <= 0:
-                continue
-            # the last query sits at end - 1, so causality hides nothing: visible = live
-            weights = head_mean_weights(q[b, :, -1], cache.keys(layer, b, end), info.scaling, live)
-            candidates = live.clone()
-            candidates[end - 1] = False  # the newest token is never evicted
-            cache.evict(b, lowest_weight(weights, candidates, excess), layers=[layer])
+    def new_state(self, spec: ModelSpec, batch: int, capacity: int, device: torch.device) -> TOVAState:
+        T = -(-capacity // spec.page_size) * spec.page_size
+        return TOVAState(torch.zeros(spec.num_layers, batch, T, dtype=torch.bool, device=device), [0] * batch)
 
-    def prefill(self, layer: int, q: torch.Tensor, cache: Any, info: StepInfo, state: Any) -> AttnResult:
-        result = attend_live(layer, q, cache, info)
-        if info.last_chunk:
-            self.compress(layer, q, cache, info)
-        return result
+    def plan(
+        self, state: TOVAState, ends: list[int], steps: list[int], phase: str, last_chunk: bool = False
+    ) -> dict[str, list[int]]:
+        """``evict``: tokens each layer drops in this forward (at the prompt's end, and in decode)."""
+        evict, budgets = [], []
+        for b, end in enumerate(ends):
+            budget = self.budget.budget_tokens(end)
+            if phase == "prefill":  # nothing is evicted before the prompt's last chunk
+                live, drop = end, (max(0, end - budget) if last_chunk else 0)
+            else:
+                live = state.count[b] + 1
+                drop = max(0, live - budget)
+            state.count[b] = live - drop
+            evict.append(drop)
+            budgets.append(budget)
+        return {"evict": evict, "budget": budgets}
 
-    def decode(self, layer: int, q: torch.Tensor, cache: Any, info: StepInfo, state: Any) -> AttnResult:
-        result = attend_live(layer, q, cache, info)
-        self.compress(layer, q, cache, info)
-        return result
+    def prefilled(self, state: TOVAState, ends: list[int]) -> None:
+        for b, end in enumerate(ends):  # which tokens survived does not matter to a benchmark, how many does
+            state.count[b] = min(end, self.budget.budget_tokens(end))
+            state.live[:, b] = False
+            state.live[:, b, end - state.count[b] : end] = True
 
-    def end_step(self, info: StepInfo, cache: Any, state: Any) -> dict[str, float]:
-        ends = context_lengths(info)
-        return {"budget_kv": sum(self.budget.budget_tokens(e) for e in ends) / len(ends)}
+    def _weights(self, layer: int, q: torch.Tensor, lse: torch.Tensor, fwd: Forward) -> torch.Tensor:
+        """``[B, T]`` the current queries' softmax weights over the live keys, averaged over heads."""
+        live = fwd.state.live[layer]
+        c = fwd.cache
+
+        def positions() -> torch.Tensor:  # every position of the context, -1 past it
+            t = torch.arange(live.shape[1], device=live.device).view(1, -1)
+            return torch.where(t < fwd.ends.view(-1, 1), t, torch.full_like(t, -1))
+
+        tokens = fwd.derived("tova_positions", positions)
+        logits = fwd.ops.paged_logits(q, c.k[layer], c.page_table, tokens, fwd.scaling)  # [B, H, T]
+        weights = torch.exp(logits - lse.unsqueeze(-1)).masked_fill(~live.unsqueeze(1), 0.0)
+        return weights.mean(dim=1)
+
+    def _candidates(self, layer: int, fwd: Forward) -> torch.Tensor:
+        """Live keys other than the newest token (which is never evicted)."""
+        live = fwd.state.live[layer]
+        t = torch.arange(live.shape[1], device=live.device).view(1, -1)
+        return live & (t != (fwd.ends - 1).view(-1, 1))
+
+    def prefill(self, layer: int, q: torch.Tensor, fwd: Forward) -> tuple[torch.Tensor, torch.Tensor]:
+        live = fwd.state.live[layer]
+        live.scatter_(1, fwd.pos, True)
+        out, lse = attend_dense(layer, q, fwd)
+        if fwd.last_chunk:  # the whole prompt at once, ranked by the last prompt token's weights
+            weights = self._weights(layer, q[:, :, -1], lse[:, :, -1], fwd)
+            masked = weights.masked_fill(~self._candidates(layer, fwd), float("inf"))
+            order = torch.sort(masked, dim=-1, stable=True).indices  # lowest first, ties: lower position
+            for b, n in enumerate(fwd.plan["evict"].tolist()):  # eager: the counts are known on the host
+                live[b, order[b, :n]] = False
+        return out, lse
+
+    def decode(self, layer: int, q: torch.Tensor, fwd: Forward) -> tuple[torch.Tensor, torch.Tensor]:
+        live = fwd.state.live[layer]
+        live.scatter_(1, fwd.pos, True)
+        out, lse = attend_dense(layer, q, fwd, key_mask=live)
+        fwd.acct.layer(layer, {"attended_kv": live.sum(dim=1).float()})
+        weights = self._weights(layer, q[:, :, -1], lse[:, :, -1], fwd)
+        masked = weights.masked_fill(~self._candidates(layer, fwd), float("inf"))
+        victim = masked.argmin(dim=1, keepdim=True)  # the first minimum: ties evict the lower position
+        keep = torch.gather(live, 1, victim) & (fwd.plan["evict"].view(-1, 1) == 0)
+        live.scatter_(1, victim, keep)
+        return out, lse
+
+    def end_step(self, fwd: Forward) -> dict[str, torch.Tensor]:
+        resident = fwd.state.live.sum(dim=2).float().mean(dim=0)
+        return {"resident_kv": resident, "budget_kv": fwd.plan["budget"].float()}

@@ -1,17 +1,20 @@
-"""Decode-step latency of ``engine.backend=triton`` against its memory-traffic floor (issue 6).
+"""Decode-step latency of ``engine.backend=triton`` against its memory-traffic floor.
 
 ``python -m retrobench.bench_decode`` (``make bench`` on a GPU machine) measures, on a
 Llama-3.1-8B-shaped model with random bf16 weights (latency does not depend on weight values):
 
 1. the device's copy bandwidth (a large device-to-device copy; read + write bytes / time) and
    the sparse paged attention kernel's achieved bandwidth (K/V bytes read / time);
-2. the time of one whole decode step (all layers, CUDA-graph replay) for full, quest and retro
-   (w = 2, 4, 8) at each context, budget and batch size that fits in memory, beside its floor:
-   (weights read + page metadata read + selected K/V read) / copy bandwidth;
+2. the time of one whole decode step through ``Engine.forward`` (host plan, one copy of the step's
+   buffers, CUDA-graph replay of all layers) for full, quest and retro (w = 2, 4, 8) at each
+   context, budget and batch size that fits in memory, beside its floor: (weights read + page
+   metadata read + selected K/V read) / copy bandwidth; and for every other method (oracle,
+   infllm, streaming, tova, retro over infllm / oracle) at 32K, batch 1, without a floor;
 3. derived ratios: retro / quest at equal budget and quest, retro vs full.
 
-The KV cache is filled with random keys and values (exact page min/max) instead of running a
-prefill: a decode step's cost depends on the context length and the budget, not on the values.
+The KV cache is filled with random keys and values (exact page min/max; method state set by
+``Method.prefilled``) instead of running a prefill: a decode step's cost depends on the context
+length and the budget, not on the values.
 Rows are appended to ``<out>/decode.csv`` as they are measured (long format: op, method, context,
 budget, window, batch, p50/p10/p90 ms, bytes, GB/s, floor, device, versions, git sha), so an
 interrupted run keeps what it measured; ``<out>/decode.md`` holds the table. On CPU (tests) it
@@ -32,10 +35,8 @@ from typing import Any
 import torch
 import yaml
 
-from retrobench.engine.cache import PagedKVCache
-from retrobench.engine.fast import FastContext, FastDecoder, GraphRunner, StepPlan
-from retrobench.engine.hook import FAST_IMPLEMENTATION, register
-from retrobench.methods.base import ModelSpec
+from retrobench.engine import Engine
+from retrobench.methods.base import Method, ModelSpec
 from retrobench.methods.full import FullMethod
 from retrobench.methods.quest import QuestMethod
 from retrobench.methods.retro import RetroMethod
@@ -59,31 +60,42 @@ def load_random_model(name: str, device: str, dtype: torch.dtype, overrides: dic
     return model.eval()
 
 
-def fill_cache(cache: PagedKVCache, context: int) -> None:
-    """Random K/V for positions [0, context) of every sequence, exact page min/max, lengths, liveness."""
-    P, n = cache.page_size, math.ceil(context / cache.page_size)
+def fill_cache(engine: Engine, request: Any, filled: int) -> None:
+    """Random K/V for positions [0, filled) of every sequence, exact page min/max, method state to match."""
+    cache = request.cache
+    P, n = cache.page_size, math.ceil(filled / cache.page_size)
     g = torch.Generator(device=cache.k.device).manual_seed(0)
+    every = torch.arange(n * P, device=cache.k.device).expand(cache.batch_size, -1)
+    positions = torch.where(every < filled, every, torch.full_like(every, -1))
+    lengths = torch.full((cache.batch_size,), filled, device=cache.k.device)
     for layer in range(cache.num_layers):
         for b in range(cache.batch_size):
-            phys = cache.page_table[b, :n]
+            phys = cache.page_table[b, :n].long()
             shape = (n, P, cache.num_kv_heads, cache.head_dim)
-            k = torch.randn(shape, generator=g, device=cache.k.device, dtype=torch.float32).to(cache.k.dtype)
-            cache.k[layer, phys] = k
+            cache.k[layer, phys] = torch.randn(shape, generator=g, device=cache.k.device).to(cache.k.dtype)
             cache.v[layer, phys] = torch.randn(shape, generator=g, device=cache.k.device).to(cache.v.dtype)
-            valid = (torch.arange(n * P, device=k.device) < context).view(n, P, 1, 1)
-            inf = torch.tensor(float("inf"), dtype=k.dtype, device=k.device)
-            cache.kmin[layer, phys] = torch.where(valid, k, inf).amin(dim=1)
-            cache.kmax[layer, phys] = torch.where(valid, k, -inf).amax(dim=1)
-    cache.lengths.fill_(context)
-    cache.live[:, :, :context] = True
+        if cache.kmin is not None:
+            engine.ops.update_page_minmax(cache.k[layer], cache.kmin[layer], cache.kmax[layer], cache.page_table,
+                                          positions, lengths)  # fmt: skip
+    engine.method.prefilled(request.state, [filled] * cache.batch_size)
 
 
-def make_method(name: str, budget: dict[str, Any] | None, window: int, dense_layers: int) -> Any:
+def make_method(name: str, budget: dict[str, Any] | None, window: int, dense_layers: int) -> Method:
+    """A method by name with the bench's budget (the other methods' own defaults otherwise)."""
     if name == "full":
         return FullMethod()
     if name == "quest":
         return QuestMethod(budget=budget, dense_layers=dense_layers)
-    return RetroMethod(window=window, budget=budget, dense_layers=dense_layers)
+    if name.startswith("retro"):
+        base = name.split(":")[1] if ":" in name else "quest"
+        return RetroMethod(base=base, window=window, budget=budget, dense_layers=dense_layers)
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(CONF / "method" / f"{name}.yaml")
+    if budget is not None and "budget" in cfg:
+        cfg.budget = {"tokens": budget.get("tokens"), "fraction": budget.get("fraction")}
+    return instantiate(cfg, _convert_="all")
 
 
 def time_cuda(fn, iters: int, warmup: int) -> list[float]:
@@ -124,53 +136,44 @@ def copy_bandwidth(device: str, nbytes: int, timer) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def step_bytes(model: Any, spec: ModelSpec, dec: FastDecoder, context: int, batch: int) -> int:
-    """Bytes a decode step must read at least: weights (embedding rows aside), page metadata, selected K/V."""
+def step_bytes(model: Any, spec: ModelSpec, method: Method, cache: Any, context: int, batch: int) -> int | None:
+    """Bytes a decode step must read at least: weights (embedding rows aside), page metadata, selected
+    K/V; None for methods without such a floor here (oracle, infllm, streaming, tova)."""
+    if method.name not in ("full", "quest", "retro") or getattr(method, "base", "quest") != "quest":
+        return None
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
-    kv_token = 2 * spec.num_kv_heads * spec.head_dim * dec.cache.k.element_size()  # K + V, one layer
+    kv_token = 2 * spec.num_kv_heads * spec.head_dim * cache.k.element_size()  # K + V, one layer
     pages = math.ceil(context / spec.page_size)
-    dense = dec.dense_layers
+    dense = spec.num_layers if method.name == "full" else method.dense_layers
     total = weights + batch * dense * context * kv_token
-    if dec.sparse:
-        k_pages = min(pages, dec.method.budget.num_pages(context, spec.page_size, dec.method.min_pages))
-        sparse = spec.num_layers - dense
-        meta = 2 * spec.num_kv_heads * spec.head_dim * dec.cache.kmin.element_size() * pages
-        total += batch * sparse * (meta + min(context, k_pages * spec.page_size) * kv_token)
+    if method.name != "full":
+        k_pages = min(pages, method.budget.num_pages(context, spec.page_size, method.min_pages))
+        meta = 2 * spec.num_kv_heads * spec.head_dim * cache.kmin.element_size() * pages
+        total += batch * (spec.num_layers - dense) * (meta + min(context, k_pages * spec.page_size) * kv_token)
     return total
 
 
-def bench_config(model, spec, cache, method, context: int, batch: int, graphs: bool, timer, iters: int) -> dict:
-    """Time one decode step (S = the method's window) over a filled cache."""
-    dec = FastDecoder(method, spec, cache, spec.head_dim**-0.5)
-    S = dec.window
+def bench_config(model, method: Method, context: int, batch: int, graphs: bool, timer, iters: int, device) -> dict:
+    """Time ``Engine.forward`` of one decode step (S = the method's window) ending at ``context``."""
+    engine = Engine(model, method, page_size=16, backend="triton", cuda_graphs=graphs)
+    S = method.reprocess_window
+    request = engine.new_request(context, batch)
+    fill_cache(engine, request, context - 1)
     positions = torch.arange(context - S, context).expand(batch, S).contiguous()
-    dec.load_plan(StepPlan(positions, step=S + 8))
-    ctx = FastContext(dec)
-    ids = torch.randint(0, 256, (batch, S), device=cache.k.device)
-    previous = model.config._attn_implementation
-    model.config._attn_implementation = FAST_IMPLEMENTATION
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        dec.begin_step()
-        return model(input_ids=x, position_ids=dec.pos[:, :S], use_cache=False, logits_to_keep=1, rb=ctx).logits
-
-    try:
-        with torch.inference_mode():
-            if graphs:
-                runner = GraphRunner(forward, dec, ids)
-                ms = timer(lambda: runner.run(ids), iters, 3)
-            else:
-                ms = timer(lambda: forward(ids), iters, 1)
-    finally:
-        model.config._attn_implementation = previous
-    out_cache = dec.out_cache.numel() * 4 + dec.lse_cache.numel() * 4 if dec.name == "retro" else 0
-    return {**percentiles(ms), "bytes": step_bytes(model, spec, dec, context, batch), "output_cache_bytes": out_cache}
+    ids = torch.randint(0, 256, (batch, S), device=device)
+    step = S + 8
+    ms = timer(lambda: engine.forward(request, ids, positions, "decode", step), iters, 3)
+    state = request.state
+    out_cache = getattr(state, "cache_bytes", 0) * batch
+    return {**percentiles(ms), "bytes": step_bytes(model, engine.spec, method, request.cache, context, batch),
+            "output_cache_bytes": out_cache}  # fmt: skip
 
 
 def grid(smoke: bool) -> list[tuple[int, int, str, dict | None, int]]:
     """(context, batch, method, budget, window) in priority order (an interrupted run keeps the first)."""
     if smoke:
-        return [(96, 2, "full", None, 1), (96, 2, "quest", {"tokens": 32}, 1), (96, 2, "retro", {"tokens": 32}, 2)]
+        return [(96, 2, "full", None, 1), (96, 2, "quest", {"tokens": 32}, 1), (96, 2, "retro", {"tokens": 32}, 2),
+                (96, 2, "tova", {"tokens": 32}, 1)]  # fmt: skip
     rows = []
     for context, batch in ((32768, 1), (32768, 8), (8192, 1), (8192, 8), (131072, 1)):
         rows.append((context, batch, "full", None, 1))
@@ -178,6 +181,9 @@ def grid(smoke: bool) -> list[tuple[int, int, str, dict | None, int]]:
             rows.append((context, batch, "quest", budget, 1))
             for w in (2, 4, 8) if "tokens" in budget else (2,):
                 rows.append((context, batch, "retro", budget, w))
+        if (context, batch) == (32768, 1):  # every other method once, at the paper's main setting
+            for name in ("oracle", "infllm", "streaming", "tova", "retro:infllm", "retro:oracle"):
+                rows.append((context, batch, name, {"fraction": 0.15}, 2 if name.startswith("retro") else 1))
     return rows
 
 
@@ -191,9 +197,10 @@ def write_markdown(rows: list[dict], path: Path, header: str) -> None:
     for r in rows:
         if r["op"] != "decode_step":
             continue
+        floor = (f"{r['floor_ms']:.3f} | {r['x_floor']:.2f} | {r['gbps']:.0f}" if r["floor_ms"] != "" else "- | - | -")
         lines.append(
             f"| {r['method']} | {r['window']} | {r['context']} | {r['batch']} | {r['budget']} | {r['p50_ms']:.3f} | "
-            f"{r['p10_ms']:.3f} | {r['p90_ms']:.3f} | {r['floor_ms']:.3f} | {r['x_floor']:.2f} | {r['gbps']:.0f} |"
+            f"{r['p10_ms']:.3f} | {r['p90_ms']:.3f} | {floor} |"
         )
     lines += ["", "Ratios of p50 step times measured in this run (same context, batch and budget):", ""]
     steps = {(r["method"], r["window"], r["context"], r["batch"], r["budget"]): r["p50_ms"] for r in rows
@@ -228,10 +235,12 @@ def main(argv: list[str] | None = None) -> int:
                  "num_key_value_heads": 2, "vocab_size": 260} if args.smoke else None  # fmt: skip
     dtype = torch.bfloat16 if cuda else torch.float32
     model = load_random_model(args.model, device, dtype, overrides)
-    register()
     c = model.config
     spec = ModelSpec(c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
                      c.hidden_size // c.num_attention_heads, 16)  # fmt: skip
+    if not cuda and not args.smoke:
+        print("bench_decode times the triton backend on a CUDA GPU; on CPU run --smoke (TRITON_INTERPRET=1)")
+        return 2
     env = environment("triton", device)
     base = {"device": env["device_name"], "torch": env["torch"], "triton": env["triton"] or "",
             "transformers": env["transformers"], "git_sha": env["git_sha"] or ""}  # fmt: skip
@@ -248,41 +257,41 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             writer.writerow(row)
             fh.flush()
-            print(f"{row['op']:>12} {row['method']:>6} w={row['window']} ctx={row['context']} B={row['batch']} "
-                  f"budget={row['budget']}: p50 {row['p50_ms']:.3f} ms  {row['gbps']:.0f} GB/s", flush=True)  # fmt: skip
+            gbps = f"{row['gbps']:.0f} GB/s" if row["gbps"] != "" else ""
+            print(f"{row['op']:>12} {row['method']:>12} w={row['window']} ctx={row['context']} B={row['batch']} "
+                  f"budget={row['budget']}: p50 {row['p50_ms']:.3f} ms  {gbps}", flush=True)  # fmt: skip
 
         bw = copy_bandwidth(device, (1 << 20) if args.smoke else (4 << 30), timer)
         emit({"op": "copy", "method": "-", "context": 0, "batch": 1, "budget": "-", "window": 0,
               "p50_ms": 0.0, "p10_ms": 0.0, "p90_ms": 0.0, "gbps": bw})  # fmt: skip
-        caches: dict[tuple[int, int], PagedKVCache] = {}
+        measured: set[tuple[int, int]] = set()
         for context, batch, name, budget, window in grid(args.smoke):
             if time.perf_counter() - t_start > args.deadline_s:
                 print(f"deadline reached: skipping the rest from {name} ctx={context} B={batch}", flush=True)
                 break
-            key = (context, batch)
-            if key not in caches:
-                caches.clear()
-                if cuda:
-                    torch.cuda.empty_cache()
-                need = 2 * spec.num_layers * batch * context * 2 * spec.num_kv_heads * spec.head_dim
-                free = torch.cuda.mem_get_info()[0] if cuda else 1 << 62
-                if need > 0.85 * free:
-                    print(f"skip ctx={context} B={batch}: KV needs {need / 1e9:.0f} GB, {free / 1e9:.0f} GB free")
-                    continue
-                cache = PagedKVCache(spec.num_layers, spec.num_kv_heads, spec.head_dim, 16, context, batch, dtype, device)
-                fill_cache(cache, context)
-                caches[key] = cache
-                if cuda:
-                    kernel_row(emit, cache, spec, context, batch, timer)
+            if cuda:
+                torch.cuda.empty_cache()
+            need = 2 * spec.num_layers * batch * context * 2 * spec.num_kv_heads * spec.head_dim
+            free = torch.cuda.mem_get_info()[0] if cuda else 1 << 62
+            if need > 0.8 * free:
+                print(f"skip {name} ctx={context} B={batch}: KV needs {need / 1e9:.0f} GB, {free / 1e9:.0f} GB free")
+                continue
+            if cuda and (context, batch) not in measured:
+                measured.add((context, batch))
+                kernel_row(emit, spec, context, batch, dtype, timer)
             method = make_method(name, budget, window, dense_layers=2)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            r = bench_config(model, spec, caches[key], method, context, batch, cuda, timer, args.iters)
-            floor_ms = r["bytes"] / (bw * 1e9) * 1e3
-            emit({"op": "decode_step", "method": name, "context": context, "batch": batch, "budget": describe(budget),
-                  "window": window, **r, "gbps": r["bytes"] / (r["p50_ms"] * 1e-3) / 1e9, "floor_ms": floor_ms,
-                  "x_floor": r["p50_ms"] / floor_ms, "graph": cuda,
-                  "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else ""})  # fmt: skip
+            r = bench_config(model, method, context, batch, cuda, timer, args.iters, device)
+            row = {"op": "decode_step", "method": name, "context": context, "batch": batch, "budget": describe(budget),
+                   "window": window, **r, "graph": cuda,
+                   "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else ""}  # fmt: skip
+            if r["bytes"] is not None:
+                floor_ms = r["bytes"] / (bw * 1e9) * 1e3
+                row.update(gbps=r["bytes"] / (r["p50_ms"] * 1e-3) / 1e9, floor_ms=floor_ms, x_floor=r["p50_ms"] / floor_ms)
+            else:
+                row.update(bytes="", gbps="", floor_ms="", x_floor="")
+            emit(row)
     header = (f"# Decode-step latency, engine.backend=triton ({base['device']}, {args.model}{' smoke' if args.smoke else ''})"
               f"\n\ntorch {base['torch']}, triton {base['triton']}, git {base['git_sha'] or 'n/a'}; "
               f"floor = bytes / measured copy bandwidth ({bw:.0f} GB/s); CUDA graphs: {cuda}.")  # fmt: skip
@@ -291,17 +300,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def kernel_row(emit, cache: PagedKVCache, spec: ModelSpec, context: int, batch: int, timer) -> None:
+def kernel_row(emit, spec: ModelSpec, context: int, batch: int, dtype: torch.dtype, timer) -> None:
     """Achieved bandwidth of the attention kernel alone over every page (one layer, S = 1)."""
     from retrobench.kernels.paged_attention import sparse_paged_attention
 
-    n = math.ceil(context / cache.page_size)
-    pages = torch.arange(n, dtype=torch.int32, device=cache.k.device).expand(batch, spec.num_kv_heads, n).contiguous()
-    q = torch.randn(batch, spec.num_heads, 1, spec.head_dim, device=cache.k.device, dtype=cache.k.dtype)
-    q_pos = torch.full((batch, 1), context - 1, dtype=torch.int32, device=cache.k.device)
-    table = cache.page_table.to(torch.int32)
-    ms = timer(lambda: sparse_paged_attention(q, cache.k[0], cache.v[0], table, pages, q_pos, spec.head_dim**-0.5), 30, 3)
-    kv = batch * context * 2 * spec.num_kv_heads * spec.head_dim * cache.k.element_size()
+    P, dev = spec.page_size, "cuda"
+    n = math.ceil(context / P)
+    k = torch.randn(batch * n, P, spec.num_kv_heads, spec.head_dim, device=dev, dtype=dtype)
+    v = torch.randn_like(k)
+    table = torch.arange(batch * n, dtype=torch.int32, device=dev).view(batch, n)
+    pages = torch.arange(n, dtype=torch.int32, device=dev).expand(batch, spec.num_kv_heads, n).contiguous()
+    q = torch.randn(batch, spec.num_heads, 1, spec.head_dim, device=dev, dtype=dtype)
+    q_pos = torch.full((batch, 1), context - 1, dtype=torch.int32, device=dev)
+    ms = timer(lambda: sparse_paged_attention(q, k, v, table, pages, q_pos, spec.head_dim**-0.5), 30, 3)
+    kv = batch * context * 2 * spec.num_kv_heads * spec.head_dim * k.element_size()
     emit({"op": "attn_kernel", "method": "full", "context": context, "batch": batch, "budget": "-", "window": 1,
           **percentiles(ms), "bytes": kv, "gbps": kv / (statistics.median(ms) * 1e-3) / 1e9})  # fmt: skip
 

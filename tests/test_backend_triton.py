@@ -1,99 +1,219 @@
-"""``engine.backend=triton`` (retrobench/engine/fast.py) against the reference backend.
+"""``engine.backend=triton`` against ``engine.backend=torch``: one method code, two op tables.
 
-The static-shape decode step (Triton kernels; the interpreter on CPU) must produce the same tokens
-as ``backend=torch`` for every method it covers, with budgets small enough that selection,
-the retrospective window and its output cache all matter, and reject the rest by name.
+For every method and setting (full; quest per KV head / query head / layer; oracle tokens and
+pages; InfLLM; StreamingLLM; TOVA; RetroAttention over quest, InfLLM and the oracle, with
+recomputed and cached past queries) both backends must generate the same greedy tokens, logits
+within fp32 tolerance and the same accounting (attended / resident KV, pages, exposure, ...),
+free-running and teacher-forced. Budgets are small so selection, eviction and the retrospective
+window all matter. The Triton path must really run: the reference ops are poisoned while the
+triton backend runs and every kernel op must have been called (no silent fallback); without a GPU
+or ``TRITON_INTERPRET=1`` these tests fail rather than skip. The degenerate settings are exact on
+the triton backend too (window 1 = the base method, an unlimited budget = full attention).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+from collections import Counter
+from pathlib import Path
+
 import pytest
 import torch
-from retrobench.methods.base import ConfigError
-from retrobench.methods.full import FullMethod
-from retrobench.methods.quest import QuestMethod
-from retrobench.methods.retro import RetroMethod
-from retrobench.methods.streaming import StreamingMethod
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from retrobench.engine import Engine
+from retrobench.kernels import kv_write, merge, page_meta, paged_attention, quest, scores, topk
+from retrobench.kernels._triton import triton_usable
+from retrobench.kernels.ops import TRITON_OPS
 
 pytest.importorskip("triton")
 
+CONF = Path(__file__).resolve().parent.parent / "conf" / "method"
+T = {"budget": {"tokens": 24, "fraction": None}}
+F = {"budget": {"tokens": None, "fraction": 0.3}}
+IB = {"budget": {"tokens": 48, "fraction": None}}  # InfLLM: n_init 0, window 31, one 16-token block
 CASES = {
-    "full": lambda: FullMethod(),
-    "quest": lambda: QuestMethod(budget={"tokens": 24}, dense_layers=1),
-    "quest-layer": lambda: QuestMethod(budget={"fraction": 0.2}, selection="layer", dense_layers=1),
-    "retro-w1": lambda: RetroMethod(window=1, budget={"tokens": 24}, dense_layers=1),
-    "retro-w2": lambda: RetroMethod(window=2, budget={"tokens": 24}, dense_layers=1),
-    "retro-w3": lambda: RetroMethod(window=3, budget={"fraction": 0.2}, dense_layers=1),
-}
+    "full": ("full", {}),
+    "quest-kv_head": ("quest", T),
+    "quest-q_head": ("quest", {**T, "selection": "q_head"}),
+    "quest-layer": ("quest", {**F, "selection": "layer"}),
+    "oracle-token": ("oracle", T),
+    "oracle-page-q_head": ("oracle", {**T, "granularity": "page", "selection": "q_head"}),
+    "infllm-layer": ("infllm", {**IB, "block_size": 16}),
+    "infllm-kv_head": ("infllm", {**F, "block_size": 16, "selection": "kv_head"}),
+    "streaming": ("streaming", T),
+    "tova": ("tova", F),
+    "retro-quest-w2": ("retro", {**T, "window": 2}),
+    "retro-quest-w3-cached": ("retro", {**F, "window": 3, "past_query": "cached"}),
+    "retro-quest-w3-q_head": ("retro", {**T, "window": 3, "selection": "q_head"}),
+    "retro-oracle-w2": ("retro", {**T, "window": 2, "base": "oracle"}),
+    "retro-oracle-page-w3-cached": ("retro", {**T, "window": 3, "base": "oracle", "past_query": "cached",
+                                              "base_options": {"granularity": "page"}}),
+    "retro-infllm-w2": ("retro", {**IB, "window": 2, "base": "infllm", "base_options": {"block_size": 16}}),
+    "retro-infllm-w3-cached": ("retro", {**F, "window": 3, "base": "infllm", "past_query": "cached",
+                                         "base_options": {"block_size": 16}}),
+}  # fmt: skip
+SMOLLM2_CASES = ("quest-kv_head", "retro-quest-w2")
+KERNEL_OPS = ("sparse_attention", "page_scores", "update_page_minmax", "merge_states", "paged_logits")
+REFS = {
+    paged_attention: "sparse_paged_attention_ref", quest: "quest_page_scores_ref", topk: "topk_forced_ref",
+    page_meta: "update_page_minmax_ref", kv_write: "write_kv_ref", merge: "merge_states_ref",
+    scores: "paged_logits_ref",
+}  # fmt: skip
 
 
-def _prompt(n: int) -> list[int]:
-    g = torch.Generator().manual_seed(n)
-    return torch.randint(0, 256, (n,), generator=g).tolist()
+def make(name: str, **extra):
+    method, overrides = CASES[name]
+    cfg = OmegaConf.load(CONF / f"{method}.yaml")
+    cfg.dense_layers = 1 if method in ("quest", "oracle", "infllm", "retro") else cfg.dense_layers
+    for key, value in {**overrides, **extra}.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    return instantiate(cfg, _convert_="all")
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_triton_backend_generates_the_reference_tokens(tiny_random, case: str) -> None:
-    model, _ = tiny_random
-    prompt = _prompt(77)  # 77 = 9 pages of 8 + 5: the current page is partial
+def _prompt(n: int, vocab: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, min(vocab, 20000) - 4, (n,), generator=g).tolist()
+
+
+def counting_triton_ops() -> tuple[object, Counter]:
+    """The triton op table with a call counter around every op."""
+    calls: Counter = Counter()
+
+    def wrap(name, fn):
+        def run(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return run
+
+    return dataclasses.replace(TRITON_OPS, **{n: wrap(n, f) for n, f in TRITON_OPS.impl().items()}), calls
+
+
+def require_triton_here(device: str = "cpu") -> None:
+    if not triton_usable(torch.empty(0, device=device)):
+        pytest.fail("the triton backend cannot run here: set TRITON_INTERPRET=1 before Python starts (make test does)")
+
+
+def both_backends(model, name: str, prompt: list[int], n: int, teacher: list[int], monkeypatch, **engine_kw):
+    """Greedy generations and teacher-forced logits of one case on both backends (triton checked to run)."""
     runs = {}
     for backend in ("torch", "triton"):
-        engine = Engine(model, CASES[case](), page_size=8, prefill_chunk=32, backend=backend)
-        runs[backend] = engine.generate(prompt, 14, keep_logits=True)
-    assert runs["triton"].tokens == runs["torch"].tokens
-    torch.testing.assert_close(runs["triton"].logits, runs["torch"].logits, rtol=1e-4, atol=1e-4)
+        engine = Engine(model, make(name), page_size=8, prefill_chunk=32, backend=backend, **engine_kw)
+        calls = None
+        if backend == "triton":
+            assert engine.ops.name == "triton" and engine.ops.capturable
+            engine.ops, calls = counting_triton_ops()
+            with monkeypatch.context() as m:  # a kernel wrapper that fell back to its reference would raise
+                for module, ref in REFS.items():
+                    m.setattr(module, ref, _poisoned(ref))
+                gen = engine.generate(prompt, n, keep_logits=True)
+                forced = engine.generate(prompt, 0, teacher_tokens=teacher, keep_logits=True)
+        else:
+            gen = engine.generate(prompt, n, keep_logits=True)
+            forced = engine.generate(prompt, 0, teacher_tokens=teacher, keep_logits=True)
+        runs[backend] = (gen, forced, calls)
+    return runs
 
 
-def test_teacher_forced_logits_match_with_a_changing_selection(tiny_random) -> None:
-    """Teacher forcing along other tokens: the retro output cache and A must track the reference."""
+def _poisoned(name: str):
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{name} ran while engine.backend=triton was selected")
+
+    return fail
+
+
+def assert_equivalent(runs, name: str, atol: float = 1e-4) -> None:
+    (g_ref, f_ref, _), (g, f, calls) = runs["torch"], runs["triton"]
+    assert g.tokens == g_ref.tokens, f"{name}: tokens differ"
+    torch.testing.assert_close(g.logits, g_ref.logits, rtol=atol, atol=atol * float(g_ref.logits.abs().max()))
+    torch.testing.assert_close(f.logits, f_ref.logits, rtol=atol, atol=atol * float(f_ref.logits.abs().max()))
+    for ours, ref in ((g.stats, g_ref.stats), (f.stats, f_ref.stats)):
+        keys = set(ref) - {"peak_memory_bytes"}
+        assert set(ours) - {"peak_memory_bytes"} == keys, f"{name}: accounting keys differ"
+        for key in keys:
+            assert ours[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), f"{name}: {key}"
+    assert calls["sparse_attention"] > 0 and calls["write_kv"] > 0, f"{name}: the triton ops never ran"
+    needed = {"page_scores": "quest" in name or name.startswith("retro-quest"),
+              "paged_logits": any(k in name for k in ("oracle", "infllm", "tova")),
+              "merge_states": name.startswith("retro"), "update_page_minmax": "quest" in name}  # fmt: skip
+    for op, used in needed.items():
+        assert (calls[op] > 0) == used, f"{name}: {op} called {calls[op]} times"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_triton_backend_equals_torch_backend(tiny_random, name: str, monkeypatch) -> None:
+    require_triton_here()
     model, _ = tiny_random
-    prompt, teacher = _prompt(70), _prompt(12)
-    out = {}
-    for backend in ("torch", "triton"):
-        engine = Engine(
-            model, RetroMethod(window=4, budget={"tokens": 16}, dense_layers=1), page_size=4, backend=backend
-        )
-        out[backend] = engine.generate(prompt, 0, teacher_tokens=teacher, keep_logits=True).logits
-    torch.testing.assert_close(out["triton"], out["torch"], rtol=1e-4, atol=1e-4)
+    prompt = _prompt(69, model.config.vocab_size, 1)  # 69 = 8 pages of 8 + 5: the current page is partial
+    runs = both_backends(model, name, prompt, 12, _prompt(9, model.config.vocab_size, 2), monkeypatch)
+    assert_equivalent(runs, name)
 
 
-@pytest.mark.parametrize(
-    ("make", "key"),
-    [
-        (lambda: StreamingMethod(), "method=streaming"),
-        (lambda: QuestMethod(selection="q_head"), "method.selection=q_head"),
-        (lambda: RetroMethod(past_query="cached"), "method.past_query"),
-        (lambda: RetroMethod(base="oracle"), "method.base=quest"),
-    ],
-)
-def test_uncovered_settings_are_rejected_by_name(tiny_random, make, key: str) -> None:
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        Engine(tiny_random[0], make(), backend="triton")
+@pytest.mark.parametrize("name", SMOLLM2_CASES)
+def test_triton_backend_equals_torch_backend_smollm2(smollm2, name: str, monkeypatch) -> None:
+    """The real GQA model (9 query / 3 KV heads, 30 layers), a short prompt."""
+    require_triton_here()
+    model, _ = smollm2
+    prompt = _prompt(45, model.config.vocab_size, 3)
+    runs = both_backends(model, name, prompt, 4, _prompt(3, model.config.vocab_size, 4), monkeypatch)
+    assert_equivalent(runs, name, atol=2e-4)
+
+
+@pytest.mark.parametrize("base", ["quest", "oracle", "infllm"])
+def test_window_one_is_exactly_the_base_on_triton(tiny_random, base: str) -> None:
+    require_triton_here()
+    model, _ = tiny_random
+    prompt = _prompt(69, model.config.vocab_size, 5)
+    name = {"quest": "quest-kv_head", "oracle": "oracle-token", "infllm": "infllm-layer"}[base]
+    base_method = make(name)
+    retro_name = {"quest": "retro-quest-w2", "oracle": "retro-oracle-w2", "infllm": "retro-infllm-w2"}[base]
+    retro = make(retro_name, window=1)
+    assert retro.base == base and retro.selector.settings() == base_method.settings()
+    ref = Engine(model, base_method, page_size=8, backend="triton").generate(prompt, 10, keep_logits=True)
+    ours = Engine(model, retro, page_size=8, backend="triton").generate(prompt, 10, keep_logits=True)
+    assert ours.tokens == ref.tokens and torch.equal(ours.logits, ref.logits)
+
+
+@pytest.mark.parametrize("method", sorted({m for m, _ in CASES.values()}))
+def test_unlimited_budget_equals_full_on_triton(tiny_random, method: str) -> None:
+    require_triton_here()
+    model, _ = tiny_random
+    prompt = _prompt(50, model.config.vocab_size, 6)
+    name = next(n for n, (m, _) in CASES.items() if m == method)
+    extra = {"budget": {"tokens": 10**6, "fraction": None}} if method != "full" else {}
+    full = Engine(model, make("full"), page_size=8, backend="triton").generate(prompt, 10, keep_logits=True)
+    ours = Engine(model, make(name, **extra), page_size=8, backend="triton").generate(prompt, 10, keep_logits=True)
+    assert ours.tokens == full.tokens
+    torch.testing.assert_close(ours.logits, full.logits, rtol=1e-5, atol=1e-5 * float(full.logits.abs().max()))
+
+
+def test_triton_backend_without_a_kernel_device_is_a_config_error(tiny_random, monkeypatch) -> None:
+    from retrobench.kernels import _triton
+    from retrobench.methods.base import ConfigError
+
+    monkeypatch.setattr(_triton, "INTERPRET", False)
+    with pytest.raises(ConfigError, match="engine.backend=triton"):
+        Engine(tiny_random[0], make("full"), backend="triton")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cuda_graphs", [True, False])
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_triton_backend_on_the_gpu_generates_the_reference_tokens(tiny_random, case: str, cuda_graphs: bool) -> None:
-    """The same on the GPU (native Triton, the captured CUDA-graph step and the eager one) against
+@pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_triton_backend_equals_torch_backend_gpu(tiny_random, name: str, cuda_graphs: bool, monkeypatch) -> None:
+    """The same on the GPU (native Triton; the CUDA-graph step and the eager one) against
     ``backend=torch`` on the GPU; fp32 with TF32 off so both sides round alike."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    import copy
-
     model = copy.deepcopy(tiny_random[0]).to("cuda")
-    prompt = _prompt(77)
+    prompt = _prompt(69, model.config.vocab_size, 1)
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        runs = {}
-        for backend in ("torch", "triton"):
-            engine = Engine(model, CASES[case](), page_size=8, prefill_chunk=32, backend=backend,
-                            cuda_graphs=cuda_graphs)  # fmt: skip
-            runs[backend] = engine.generate(prompt, 14, keep_logits=True)
+        runs = both_backends(model, name, prompt, 12, _prompt(9, model.config.vocab_size, 2), monkeypatch,
+                             cuda_graphs=cuda_graphs)  # fmt: skip
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-    assert runs["triton"].tokens == runs["torch"].tokens
-    torch.testing.assert_close(runs["triton"].logits, runs["torch"].logits, rtol=1e-4, atol=1e-4)
+    assert_equivalent(runs, name)

@@ -114,9 +114,11 @@ def test_state_hygiene(tiny_random):
 
 @dataclass
 class RerunFull(FullMethod):
-    """Test double: full attention that re-runs the last ``w - 1`` generated tokens every step."""
+    """Test double: full attention that re-runs the last ``w - 1`` generated tokens every step
+    (keeping page min/max, so their refresh under overwrites is checked too)."""
 
     name: ClassVar[str] = "rerun_full"
+    needs_page_meta: ClassVar[bool] = True
     w: int = 4
 
     @property
@@ -150,7 +152,6 @@ def test_multi_token_overwrite_changes_nothing_under_full_attention(tiny_random)
         finite = torch.isfinite(before)
         assert torch.equal(finite, torch.isfinite(now))
         torch.testing.assert_close(now[finite], before[finite], rtol=1e-5, atol=1e-5)
-    assert int(req.cache.lengths[0]) == 40
 
 
 def test_teacher_forcing_reproduces_greedy_logits(tiny_random):

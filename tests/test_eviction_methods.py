@@ -23,21 +23,27 @@ def prompt(model, length: int = L, seed: int = 0) -> list[int]:
     return torch.randint(3, model.config.vocab_size - 4, (length,), generator=gen).tolist()
 
 
+def live_of(req) -> torch.Tensor:
+    """``[layers, T]`` liveness of sequence 0 (StreamingLLM keeps one mask for every layer)."""
+    live = req.state.live
+    return live[:, 0] if live.dim() == 3 else live[0].expand(req.cache.num_layers, -1)
+
+
 def live_counts(req) -> torch.Tensor:
     """``[layers]`` live KV tokens of sequence 0."""
-    return req.cache.live[:, 0].sum(dim=-1)
+    return live_of(req).sum(dim=-1)
 
 
 def step_through(engine, ids: list[int], n: int, check) -> None:
     """Prefill, then n greedy decode steps; ``check(req, end)`` after prefill (end = L) and each step."""
-    req = engine.new_request(len(ids) + n)
+    req = engine.new_request(len(ids) + n, record_steps=True)
     logits = engine.prefill(req, torch.tensor([ids]))
     check(req, len(ids), None)
     for i in range(n):
         pos = len(ids) + i
         tok = torch.argmax(logits, dim=-1, keepdim=True)
         logits = engine.forward(req, tok, torch.tensor([[pos]]), "decode", i)
-        check(req, pos + 1, req.step_stats[-1])
+        check(req, pos + 1, engine.step_stats(req)[-1])
 
 
 @pytest.mark.parametrize(
@@ -65,8 +71,9 @@ def test_streaming_keeps_sinks_and_recent_window(tiny_random, budget):
         B = method.budget.budget_tokens(end)
         idx = torch.arange(end)
         expected = (idx < 4) | (idx >= end - (B - 4)) if end > B else torch.ones(end, dtype=torch.bool)
-        live = req.cache.live[:, 0, :end]
+        live = live_of(req)[:, :end]
         assert torch.equal(live, expected.expand_as(live)), f"context {end}"
+        assert not live_of(req)[:, end:].any()
         assert bool((live_counts(req) <= B).all())
         if stats is not None:  # the current query attends exactly the kept set, never more than B
             assert stats["attended_kv"] == min(end, B) <= stats["budget_kv"] == B
@@ -83,7 +90,7 @@ def test_tova_budget_every_step(tiny_random, budget):
     def check(req, end, stats):
         B = method.budget.budget_tokens(end)
         assert bool((live_counts(req) == min(end, B)).all()), f"context {end}: {live_counts(req).tolist()}"
-        assert bool(req.cache.live[:, 0, end - 1].all())  # the newest token is never evicted
+        assert bool(live_of(req)[:, end - 1].all())  # the newest token is never evicted
         if stats is not None:  # attends the budgeted cache of the previous step plus itself
             assert stats["attended_kv"] == min(end, method.budget.budget_tokens(end - 1) + 1) <= B + 1
             assert stats["resident_kv"] == min(end, B) and stats["budget_kv"] == B
@@ -93,17 +100,26 @@ def test_tova_budget_every_step(tiny_random, budget):
 
 @dataclass
 class SpyTOVA(TOVAMethod):
-    """Records, per layer, the query and the live set before and after each compression."""
+    """Records, per layer, the query, the keys and the live set before and after each compression."""
 
     name: ClassVar[str] = "spy_tova"
     log: list[Any] = field(default_factory=list)
 
-    def compress(self, layer, q, cache, info):
-        end = int(info.positions[0].max()) + 1
-        before = cache.live_mask(layer, 0, end).clone()
-        super().compress(layer, q, cache, info)
-        keys = cache.keys(layer, 0, end).clone()
-        self.log.append((info.phase, layer, q[0, :, -1].clone(), keys, before, cache.live_mask(layer, 0, end).clone()))
+    def _spy(self, phase, layer, q, fwd, run):
+        end = int(fwd.ends[0])
+        before = fwd.state.live[layer, 0, :end].clone()
+        before[fwd.pos[0]] = True  # this forward's tokens become live as it begins
+        result = run()
+        keys = fwd.cache.keys(layer, 0, end).clone()
+        self.log.append((phase, layer, q[0, :, -1].clone(), keys, before, fwd.state.live[layer, 0, :end].clone()))
+        return result
+
+    def prefill(self, layer, q, fwd):
+        run = lambda: super(SpyTOVA, self).prefill(layer, q, fwd)  # noqa: E731
+        return self._spy("prefill", layer, q, fwd, run) if fwd.last_chunk else run()
+
+    def decode(self, layer, q, fwd):
+        return self._spy("decode", layer, q, fwd, lambda: super(SpyTOVA, self).decode(layer, q, fwd))
 
 
 def brute_weights(q: torch.Tensor, k: torch.Tensor, live: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -168,7 +184,7 @@ def test_invalid_streaming_sinks(tiny_random):
         StreamingMethod(budget={"tokens": 4}, sinks=4)
     # a fraction budget smaller than the sinks keeps budget - 1 sinks plus the current token
     method = StreamingMethod(budget={"fraction": 0.05}, sinks=4)
-    assert method.kept(40).tolist() == [True] + [False] * 38 + [True]  # budget 2 at context 40
+    assert method.kept(40) == (1, 39)  # budget 2 at context 40: one sink and the current token
     model, _ = tiny_random
     gen = Engine(model, method).generate(prompt(model), 2)
     assert len(gen.tokens) == 2

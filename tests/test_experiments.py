@@ -170,6 +170,14 @@ def _driver(list_file: Path, results: Path) -> list[str]:
             "--results-dir", str(results), "--no-report"]  # fmt: skip
 
 
+def _lines(results: Path) -> dict[str, list[bytes]]:
+    """Per run folder, the complete lines of samples.jsonl as bytes."""
+    out = {}
+    for path in sorted((results / "runs").glob("*/samples.jsonl")) if (results / "runs").is_dir() else []:
+        out[path.parent.name] = [line for line in path.read_bytes().splitlines(keepends=True) if line.endswith(b"\n")]
+    return out
+
+
 def _state(results: Path) -> dict[str, tuple[bool, list[str]]]:
     out = {}
     for folder in sorted((results / "runs").glob("*")) if (results / "runs").is_dir() else []:
@@ -193,6 +201,7 @@ def test_killed_reproduce_resumes_without_repeating_or_losing(tmp_path: Path) ->
 
     kill_when(proc, ready, 240, "the driver")
     before = _state(results)
+    written = _lines(results)
     finished = {k for k, (done, _) in before.items() if done}
     partial = {k: ids for k, (done, ids) in before.items() if not done and ids}
     assert finished and partial and len(finished) < 6, before
@@ -206,6 +215,9 @@ def test_killed_reproduce_resumes_without_repeating_or_losing(tmp_path: Path) ->
     for key, (_, ids) in after.items():
         assert len(ids) == 3 and len(set(ids)) == 3, (key, ids)  # no sample lost or duplicated
         assert set(partial.get(key, [])) <= set(ids)
+    kept = _lines(results)
+    for key, lines in written.items():  # rows written before the kill kept byte for byte, not regenerated
+        assert kept[key][: len(lines)] == lines, key
     for key, stamp in stamps.items():  # finished runs were skipped, not redone
         assert (results / "runs" / key / "metrics.json").stat().st_mtime_ns == stamp
     assert "2/2 experiments ok" in again.stdout

@@ -7,14 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from harness import forward_for, selection_mask, synthetic_cache
+
 from retrobench.engine import Engine
-from retrobench.engine.cache import PagedKVCache
-from retrobench.methods.base import ConfigError, ModelSpec, StepInfo
+from retrobench.methods.base import ConfigError, ModelSpec
 from retrobench.methods.full import FullMethod
 from retrobench.methods.infllm import InfLLMMethod
 
 H, H_KV, D, P = 4, 2, 8, 16
 G = H // H_KV
+SPEC = ModelSpec(1, H, H_KV, D, P)
 
 
 def prompt(model, n: int, seed: int) -> list[int]:
@@ -22,19 +24,14 @@ def prompt(model, n: int, seed: int) -> list[int]:
     return torch.randint(3, model.config.vocab_size - 4, (n,), generator=gen).tolist()
 
 
-def synthetic(T: int, seed: int = 0) -> tuple[PagedKVCache, torch.Tensor]:
+def synthetic(T: int, seed: int = 0):
     """A one-layer cache holding T random keys/values, and random queries ``[1, H, T, D]``."""
-    gen = torch.Generator().manual_seed(seed)
-    cache = PagedKVCache(1, H_KV, D, P, T)
-    pos = torch.arange(T).unsqueeze(0)
-    cache.reserve(pos)
-    k, v = torch.randn(1, H_KV, T, D, generator=gen), torch.randn(1, H_KV, T, D, generator=gen)
-    cache.write(0, pos, k, v)
-    return cache, torch.randn(1, H, T, D, generator=gen)
+    cache = synthetic_cache(SPEC, T, seed=seed)
+    return cache, torch.randn(1, H, T, D, generator=torch.Generator().manual_seed(seed + 100))
 
 
-def fresh_state(method: InfLLMMethod):
-    return method.new_state(ModelSpec(1, H, H_KV, D, P), 1, torch.device("cpu"))
+def fresh_state(method: InfLLMMethod, T: int):
+    return method.new_state(SPEC, 1, T, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("budget", [{"tokens": 10**6}, {"fraction": 1.0}])
@@ -58,57 +55,55 @@ def test_attended_within_bound_every_step(tiny_random, budget, selection):
     method = InfLLMMethod(budget=budget, block_size=32, selection=selection, dense_layers=1)
     engine = Engine(model, method)
     L = 400
-    request = engine.new_request(L + 50)
+    request = engine.new_request(L + 50, record_steps=True)
     token = int(engine.prefill(request, torch.tensor([prompt(model, L, 5)])).argmax())
     for step in range(48):
         pos = torch.tensor([[L + step]])
         token = int(engine.forward(request, torch.tensor([[token]]), pos, "decode", step).argmax())
-        stats, context = request.step_stats[-1], L + step + 1
+        stats, context = engine.step_stats(request)[-1], L + step + 1
         bound = method.attended_bound(context, P)
-        assert stats.get("attended_kv_max", stats["attended_kv"]) <= bound, f"step {step}"
+        assert stats["attended_kv_max"] <= bound, f"step {step}"
         assert stats["attended_kv"] < context  # really sparse
+        assert stats["pages_selected"] * P == pytest.approx(stats["attended_kv"])  # every selected key is visible
         budget_tokens, n_init, n_local, topk = method.split(context, P)
         assert bound <= budget_tokens + method.block_size - 1
-        for layer in range(1, model.config.num_hidden_layers):  # select directly too (idempotent)
-            q = torch.randn(model.config.num_attention_heads, model.config.hidden_size // 4)
-            mask, pages = method.select(layer, q, request.cache, 0, context, request.state, engine.scaling)
-            assert int(mask.sum(dim=-1).max()) <= bound
-            torch.testing.assert_close(pages, mask.sum(dim=-1).float() / P)
 
 
 def test_prefill_scores_equal_brute_force():
     T = 100
     cache, q = synthetic(T)
     method = InfLLMMethod(budget={"fraction": 0.5}, local_fraction=0.5, block_size=16, dense_layers=0)
-    state, scaling = fresh_state(method), D**-0.5
+    state = fresh_state(method, T)
     for lo, hi in ((0, 60), (60, T)):  # two prefill chunks
-        info = StepInfo("prefill", torch.arange(lo, hi).unsqueeze(0), -1, scaling)
-        method.prefill(0, q[:, :, lo:hi], cache, info, state)
+        fwd = forward_for(method, SPEC, cache, state, torch.arange(lo, hi), phase="prefill", step=-1)
+        method.prefill(0, q[:, :, lo:hi], fwd)
     keys = cache.keys(0, 0, T).repeat_interleave(G, dim=1)  # [T, H, D]
     want = torch.zeros(T, H_KV)
     for i in range(T):
         n_local = method.split(i + 1, P)[2]
-        probs = torch.softmax(torch.einsum("hd,thd->ht", q[0, :, i], keys[: i + 1]) * scaling, dim=-1)
+        probs = torch.softmax(torch.einsum("hd,thd->ht", q[0, :, i], keys[: i + 1]) * D**-0.5, dim=-1)
         lo = max(0, i + 1 - n_local)
         want[lo : i + 1] += probs[:, lo:].view(H_KV, G, -1).sum(dim=1).T
-    torch.testing.assert_close(state.scores((0, 0), T, H_KV, "cpu"), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state.score[0, 0, :T], want, rtol=1e-5, atol=1e-6)
 
 
-def test_decode_scores_use_the_selection_softmax_once():
+def test_decode_scores_use_the_selection_softmax():
     T = 200
     cache, q = synthetic(T, seed=1)
     method = InfLLMMethod(budget={"tokens": 100}, block_size=16, dense_layers=0)
-    state = fresh_state(method)
-    mask, _ = method.select(0, q[0, :, -1], cache, 0, T, state, D**-0.5)
+    state = fresh_state(method, T)
+    fwd = forward_for(method, SPEC, cache, state, [T - 1])
+    method.prepare(fwd)
+    method.decode(0, q[:, :, -1:], fwd)
+    sel = method.select(0, q[:, :, -1], fwd, state)
+    mask = selection_mask(sel.units, 1, T)[0]  # [H_sel, T]
     n_local = method.split(T, P)[2]
     keys = cache.keys(0, 0, T).repeat_interleave(G, dim=1)
     logits = torch.einsum("hd,thd->ht", q[0, :, -1], keys) * D**-0.5
     probs = torch.softmax(logits.masked_fill(~mask.expand(H, -1), float("-inf")), dim=-1)
     want = torch.zeros(T, H_KV)
     want[T - n_local :] = probs[:, T - n_local :].view(H_KV, G, -1).sum(dim=1).T
-    torch.testing.assert_close(state.scores((0, 0), T, H_KV, "cpu"), want)
-    method.select(0, q[0, :, -1], cache, 0, T, state, D**-0.5)  # the same query again adds nothing
-    torch.testing.assert_close(state.scores((0, 0), T, H_KV, "cpu"), want)
+    torch.testing.assert_close(state.score[0, 0, :T], want)
 
 
 def brute_representatives(keys, scores, block_size, repr_topk, n_init, nb):
@@ -128,22 +123,24 @@ def test_representatives_and_blocks_equal_brute_force(selection):
     method = InfLLMMethod(
         budget={"tokens": 100}, block_size=16, repr_topk=3, selection=selection, dense_layers=0
     )
-    state = fresh_state(method)
+    state = fresh_state(method, T)
     scores = torch.rand(T, H_KV, generator=torch.Generator().manual_seed(3))
-    state.add((0, 0), 0, scores)
-    state.seen[(0, 0)] = T - 1  # no local-score recording in this test
+    state.score[0, 0, :T] = scores
     budget, n_init, n_local, topk = method.split(T, P)
     nb = (T - n_local - n_init) // 16
     assert (n_init, n_local, topk, nb) == (2, 65, 2, 8)  # selection really chooses among blocks
+    fwd = forward_for(method, SPEC, cache, state, [T - 1])
+    method.prepare(fwd)  # builds the representatives of the formed blocks
     keys = cache.keys(0, 0, T)
     reprs = brute_representatives(keys, scores, 16, 3, n_init, nb)
-    torch.testing.assert_close(method.representatives(0, cache, 0, state, n_init, nb), reprs)
+    torch.testing.assert_close(state.reprs[0, 0, :nb], reprs)
 
     qv = q[0, :, -1]
     per_head = torch.einsum("hd,nhd->hn", qv, reprs.repeat_interleave(G, dim=1))  # [H, nb]
     grouped = per_head.sum(0, keepdim=True) if selection == "layer" else per_head.view(H_KV, G, nb).sum(1)
-    mask, pages = method.select(0, qv, cache, 0, T, state, D**-0.5)
-    assert mask.shape == (grouped.shape[0], T)
+    sel = method.select(0, q[:, :, -1], fwd, state)
+    mask = selection_mask(sel.units, sel.unit, T)[0]
+    assert mask.shape == (grouped.shape[0], T) and sel.unit == 1
     for h in range(grouped.shape[0]):
         best = set(sorted(range(nb), key=lambda j: -float(grouped[h, j]))[:topk])
         want = torch.zeros(T, dtype=torch.bool)
@@ -152,8 +149,26 @@ def test_representatives_and_blocks_equal_brute_force(selection):
         for j in best:
             want[n_init + j * 16 : n_init + (j + 1) * 16] = True
         assert torch.equal(mask[h], want)
-        assert float(pages[h]) == want.sum() / P
+        units = sel.units[0, h]
+        assert int((units >= 0).sum()) == int(want.sum()) <= int(sel.count[0])  # compact, unique
+        assert torch.equal(units[: int(want.sum())].sort().values, want.nonzero().flatten())
         assert int(want.sum()) <= method.attended_bound(T, P)
+
+
+def test_a_moved_n_init_rebuilds_every_representative():
+    """A fraction budget moves n_init with the context: block boundaries move, representatives follow."""
+    T = 700
+    cache, _ = synthetic(T, seed=4)
+    method = InfLLMMethod(budget={"fraction": 0.5}, block_size=16, repr_topk=2, dense_layers=0, init_fraction=0.05)
+    state = fresh_state(method, T)
+    state.score[0, 0, :T] = torch.rand(T, H_KV, generator=torch.Generator().manual_seed(5))
+    for end in (600, 640):  # n_init = floor(0.05 * 300) = 15, then floor(0.05 * 320) = 16
+        method.prepare(forward_for(method, SPEC, cache, state, [end - 1]))
+        _, n_init, n_local, _ = method.split(end, P)
+        nb = (end - n_local - n_init) // 16
+        want = brute_representatives(cache.keys(0, 0, T), state.score[0, 0], 16, 2, n_init, nb)
+        torch.testing.assert_close(state.reprs[0, 0, :nb], want)
+    assert state.origin[0] == 16
 
 
 @pytest.mark.parametrize(

@@ -73,29 +73,32 @@ def check(case, dtype, pos_dtype, device) -> None:
     assert int(kmin.isnan().any(-1).any(-1).sum()) == kmin.shape[0] - len(touched), f"seed {seed}"
 
 
-def test_matches_paged_kv_cache_metadata() -> None:
-    """Appends then a RetroAttention-style overwrite through PagedKVCache: the kernel rebuilds its kmin/kmax."""
+def test_incremental_refresh_equals_a_recomputation() -> None:
+    """Appends, then a RetroAttention-style overwrite, each followed by the kernel's refresh of the
+    touched pages, leave the metadata a one-shot recomputation from the final keys gives."""
     _needs_kernel_device("cpu")
     from retrobench.engine.cache import PagedKVCache
+    from retrobench.kernels.kv_write import write_kv
 
     seed = fresh_seed()
     B, H_kv, D, P = 2, 2, 24, 4
     cache = PagedKVCache(1, H_kv, D, P, max_tokens=40, batch_size=B)
     cache.remap(cache.page_table[:, torch.randperm(cache.pages_per_seq)])
-    lengths = (33, 24)  # 24 = 6 * P
-    for b, T in enumerate(lengths):
-        pos = torch.arange(T).view(1, T)
-        cache.reserve(pos, torch.tensor([b]))
-        cache.write(0, pos, torch.randn(1, H_kv, T, D), torch.randn(1, H_kv, T, D), torch.tensor([b]))
+    lengths = torch.tensor([33, 24])  # 24 = 6 * P
+    table = cache.page_table
+    for t in range(int(lengths.max())):  # token by token, as decode appends
+        pos = torch.full((B, 1), t).clamp(max=lengths.view(B, 1) - 1)
+        write_kv(cache.k[0], cache.v[0], table, pos, torch.randn(B, H_kv, 1, D), torch.randn(B, H_kv, 1, D))
+        update_page_minmax(cache.k[0], cache.kmin[0], cache.kmax[0], table, pos, torch.minimum(lengths, torch.tensor(t + 1)))
     window = torch.tensor([[30, 31, 32], [21, 22, 23]])  # overwrite the last w tokens of each sequence
-    cache.write(0, window, torch.randn(B, H_kv, 3, D), torch.randn(B, H_kv, 3, D))
+    write_kv(cache.k[0], cache.v[0], table, window, torch.randn(B, H_kv, 3, D), torch.randn(B, H_kv, 3, D))
+    update_page_minmax(cache.k[0], cache.kmin[0], cache.kmax[0], table, window, lengths)
     kmin = torch.full_like(cache.kmin[0], float("nan"))
     kmax = kmin.clone()
     every = torch.arange(0, cache.pages_per_seq * P, P).view(1, -1).expand(B, -1)  # one position per page
-    lengths_t = torch.tensor(lengths)
-    positions = torch.where(every < lengths_t.view(B, 1), every, -1)
-    update_page_minmax(cache.k[0], kmin, kmax, cache.page_table.to(torch.int32), positions, lengths_t)
-    live_pages = torch.cat([cache.page_table[b, : math.ceil(T / P)] for b, T in enumerate(lengths)])
+    positions = torch.where(every < lengths.view(B, 1), every, -1)
+    update_page_minmax_ref(cache.k[0], kmin, kmax, table, positions, lengths)
+    live_pages = torch.cat([table[b, : math.ceil(int(T) / P)].long() for b, T in enumerate(lengths)])
     assert torch.equal(kmin[live_pages], cache.kmin[0, live_pages]), f"seed {seed}"
     assert torch.equal(kmax[live_pages], cache.kmax[0, live_pages]), f"seed {seed}"
 

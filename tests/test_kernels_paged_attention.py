@@ -48,6 +48,10 @@ class Case:
     page_step: bool = False
     permuted: bool = True  # page table a random permutation of a larger pool
     strided_q: bool = False
+    per_qhead: bool = False  # one list per query head (selection: q_head): H_sel = H
+    num_units: bool = False  # lists compacted to the front, read only up to num_units (valid junk after)
+    shared_mask: bool = False  # one key mask for every KV head (eviction liveness), expanded: stride 0
+    token_view: bool = False  # the cache seen as one-token units (token-level selections)
     extra: dict = field(default_factory=dict)
 
 
@@ -66,6 +70,12 @@ CASES = {
     "page-larger-than-tile": Case(H=4, H_kv=2, S=3, D=24, P=64, lengths=(150, 65), K=3),
     "rows-over-one-block": Case(B=1, H=16, H_kv=1, S=5, D=16, P=8, lengths=(50,), K=5),
     "d80-strided-q": Case(B=1, H=6, H_kv=2, S=3, D=80, P=16, lengths=(70,), K=4, strided_q=True),
+    "per-qhead-step": Case(H=6, H_kv=2, S=3, D=24, P=4, lengths=(41, 26), K=6, per_qhead=True, page_step=True),
+    "num-units": Case(H=4, H_kv=2, S=2, D=24, P=8, lengths=(61, 30), K=6, num_units=True),
+    "shared-mask-full": Case(H=8, H_kv=2, S=1, P=8, lengths=(53, 17), select="full", key_mask=True, shared_mask=True,
+                             num_units=True),
+    "tokens-step-qhead": Case(H=4, H_kv=2, S=2, D=16, P=4, lengths=(37, 22), K=24, token_view=True, page_step=True,
+                              per_qhead=True, num_units=True),
 }
 
 
@@ -89,30 +99,48 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str = "cpu"):
     else:
         q = torch.randn(B, H, S, D)
     q_pos = torch.stack([torch.arange(int(t) - S, int(t)) for t in lengths]).to(torch.int32)
+    if case.token_view:  # one-token units: the same bytes, a per-token table
+        k_cache, v_cache = k_cache.view(-1, 1, H_kv, D), v_cache.view(-1, 1, H_kv, D)
+        page_table = (page_table.unsqueeze(-1) * P + torch.arange(P, dtype=torch.int32)).view(B, -1)
+        n_max, P = n_max * P, 1
 
-    n_pages = [math.ceil(int(t) / P) for t in lengths]
+    H_sel = H if case.per_qhead else H_kv
+    n_units = [math.ceil(int(t) / P) for t in lengths]
     width = {"full": n_max, "empty": case.K, "one": case.K, "random": case.K}[case.select]
-    pages = torch.full((B, H_kv, width), -1, dtype=torch.int32)
+    pages = torch.full((B, H_sel, width), -1, dtype=torch.int32)
+    counts = torch.zeros(B, dtype=torch.int32)
     for b in range(B):
-        for kv in range(H_kv):
+        lists = []
+        for h in range(H_sel):
             if case.select == "empty":
-                continue
-            if case.select == "full":
-                chosen = torch.randperm(n_pages[b])
+                chosen = torch.zeros(0, dtype=torch.long)
+            elif case.select == "full":
+                chosen = torch.randperm(n_units[b])
             elif case.select == "one":
-                chosen = torch.tensor([n_pages[b] - 1])
+                chosen = torch.tensor([n_units[b] - 1])
             else:
-                chosen = torch.randperm(n_pages[b])[: min(width - 1, n_pages[b])]  # at least one -1 slot
-            slots = torch.randperm(width)[: len(chosen)]  # padding lands anywhere
-            pages[b, kv, slots] = chosen.to(torch.int32)
+                chosen = torch.randperm(n_units[b])[: min(width - 1, n_units[b])]  # at least one -1 slot
+            lists.append(chosen)
+            if not case.num_units:
+                slots = torch.randperm(width)[: len(chosen)]  # padding lands anywhere
+                pages[b, h, slots] = chosen.to(torch.int32)
+        if case.num_units:  # compact lists; past the count, valid units the kernel must ignore
+            count = min(width, max(len(c) for c in lists) + b % 2)
+            counts[b] = count
+            for h, chosen in enumerate(lists):
+                pages[b, h, : len(chosen)] = chosen.to(torch.int32)
+                pages[b, h, count:] = torch.randint(0, n_units[b], (width - count,), dtype=torch.int32)
 
-    key_mask = page_step = q_step = None
+    key_mask = page_step = q_step = num_units = None
     if case.key_mask:
-        key_mask = torch.rand(B, H_kv, n_max * P) < 0.7
+        key_mask = torch.rand(B, 1 if case.shared_mask else H_kv, n_max * P) < 0.7
+        key_mask = key_mask.expand(B, H_kv, -1)
     if case.page_step:
-        page_step = torch.randint(0, 4, (B, H_kv, n_max), dtype=torch.int32)
+        page_step = torch.randint(0, 4, (B, H_sel, n_max + 1), dtype=torch.int32)  # a spare dump column
         q_step = torch.randint(0, 5, (B, S), dtype=torch.int32)
         q_step[:, -1] = INT32_MAX  # the current query sees every selected page
+    if case.num_units:
+        num_units = counts
     to = {"device": device}
     args = (
         q.to(dtype=dtype, **to), k_cache.to(dtype=dtype, **to), v_cache.to(dtype=dtype, **to),
@@ -122,6 +150,7 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str = "cpu"):
         "key_mask": None if key_mask is None else key_mask.to(**to),
         "page_step": None if page_step is None else page_step.to(**to),
         "q_step": None if q_step is None else q_step.to(**to),
+        "num_units": None if num_units is None else num_units.to(**to),
     }
     return args, kwargs
 
@@ -199,13 +228,19 @@ GPU_CASES = {
     "llama8b-s3-step": Case(B=2, H=32, H_kv=8, S=3, D=128, P=16, lengths=(4096, 4097), K=128, page_step=True),
     "llama8b-mask-full": Case(B=1, H=32, H_kv=8, S=2, D=128, P=16, lengths=(2049,), select="full", key_mask=True),
     "qwen-d80-gqa4": Case(B=3, H=16, H_kv=4, S=1, D=80, P=32, lengths=(999, 2048, 31), K=40),
+    "llama8b-qhead-units": Case(B=2, H=32, H_kv=8, S=2, D=128, P=16, lengths=(4096, 3001), K=128, per_qhead=True,
+                                num_units=True, page_step=True),
+    "llama8b-tokens-mask": Case(B=1, H=32, H_kv=8, S=1, D=128, P=16, lengths=(2049,), K=700, token_view=True,
+                                key_mask=True, shared_mask=True, num_units=True),
 }
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_splits", [None, 1, 5], ids=["splits-auto", "splits1", "splits5"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("name", list(GPU_CASES) + ["gqa3-d40-s3-boundary", "page-larger-than-tile", "empty-selection"])
+@pytest.mark.parametrize(
+    "name", list(GPU_CASES) + ["gqa3-d40-s3-boundary", "page-larger-than-tile", "empty-selection", "tokens-step-qhead"]
+)
 def test_matches_reference_gpu(name: str, dtype: torch.dtype, num_splits) -> None:
     _needs_kernel_device("cuda")
     check(GPU_CASES.get(name) or CASES[name], dtype, num_splits, device="cuda")
@@ -216,7 +251,8 @@ def test_quest_decode_step_captures_in_cuda_graph() -> None:
     """Page scores, selection, attention and the metadata refresh replay from a CUDA graph (no host syncs)."""
     _needs_kernel_device("cuda")
     from retrobench.kernels.page_meta import update_page_minmax
-    from retrobench.kernels.quest import quest_page_scores, quest_select
+    from retrobench.kernels.quest import quest_page_scores
+    from retrobench.kernels.topk import topk_forced
 
     seed = fresh_seed()
     case = Case(B=2, H=32, H_kv=8, S=1, D=128, P=16, lengths=(4096, 3001), K=16)
@@ -234,8 +270,8 @@ def test_quest_decode_step_captures_in_cuda_graph() -> None:
     def step():
         update_page_minmax(k_cache, kmin, kmax, page_table, q_pos, lengths)
         scores = quest_page_scores(q[:, :, -1], kmin, kmax, page_table, n_pages)
-        pages = quest_select(scores, k, case.K, n_pages - 1)
-        return sparse_paged_attention(q, k_cache, v_cache, page_table, pages, q_pos, scaling)
+        pages = topk_forced(scores, k, case.K, n_pages - 1)
+        return sparse_paged_attention(q, k_cache, v_cache, page_table, pages, q_pos, scaling, num_units=k)
 
     expected = step()
     stream = torch.cuda.Stream()

@@ -1,11 +1,9 @@
-"""quest_page_scores (Triton) and quest_select (torch, no host syncs) equal their references,
-which are the method code itself (methods/quest.py, methods/common.py).
+"""quest_page_scores (Triton) equals its reference, and the reference equals a brute-force bound.
 
 Page scores: odd head dims, GQA ratios 1/3/4/8, the three GQA policies, ragged page counts,
-empty pages, permuted page tables, fp32/fp16 (bf16 on the GPU). Selection: tie-free random
-scores (topk and a stable sort agree only without ties), k from 1 to past the valid pages.
-A last test runs the kernel pipeline (scores -> select -> sparse attention) against the torch
-method path on a real PagedKVCache. Fresh seed per test, printed on failure.
+empty pages, permuted page tables, fp32/fp16 (bf16 on the GPU). A last test runs QuestMethod's
+selection and attention on the triton op table against the torch op table over a real
+PagedKVCache. Fresh seed per test, printed on failure.
 """
 
 from __future__ import annotations
@@ -19,12 +17,7 @@ pytest.importorskip("triton")
 
 from retrobench.kernels._testing import assert_close, fresh_seed, poisoned_empty
 from retrobench.kernels._triton import triton_usable
-from retrobench.kernels.quest import (
-    quest_page_scores,
-    quest_page_scores_ref,
-    quest_select,
-    quest_select_ref,
-)
+from retrobench.kernels.quest import quest_page_scores, quest_page_scores_ref
 
 TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (1e-3, 1e-4), torch.bfloat16: (1e-2, 1e-3)}
 
@@ -83,107 +76,56 @@ def check_scores(shape, dtype, group_reduce, empty_frac, device) -> None:
         assert torch.isfinite(scores[0, :, : n_pages[0]]).all(), f"seed {seed}"
 
 
-def test_reference_is_the_method_definition() -> None:
-    """On non-empty pages the reference is methods/quest.py + reduce_head_scores, column for column."""
-    from retrobench.methods.common import reduce_head_scores
-    from retrobench.methods.quest import quest_page_scores as method_scores
-
+def test_reference_is_the_brute_force_bound() -> None:
+    """Column for column: Σ_d max(q_d kmax_d, q_d kmin_d) per query head, summed over the group."""
     seed = fresh_seed()
-    q, kmin, kmax, page_table, n = make_meta(2, 6, 2, 40, (5, 8), 8, torch.float32)
+    q, kmin, kmax, page_table, n = make_meta(2, 6, 2, 5, (5, 8), 8, torch.float32)
     ref = quest_page_scores_ref(q, kmin, kmax, page_table, n, "kv_head")
     for b in range(2):
-        phys = page_table[b, : int(n[b])].long()
-        direct = reduce_head_scores(method_scores(q[b], kmin[phys], kmax[phys]), "kv_head", 2)
-        assert torch.equal(ref[b, :, : int(n[b])], direct), f"seed {seed}"
+        for kv in range(2):
+            for p in range(int(n[b])):
+                phys = int(page_table[b, p])
+                want = sum(
+                    sum(max(float(q[b, h, d] * kmax[phys, kv, d]), float(q[b, h, d] * kmin[phys, kv, d])) for d in range(5))
+                    for h in range(kv * 3, kv * 3 + 3)
+                )
+                assert abs(float(ref[b, kv, p]) - want) < 1e-4, f"seed {seed}"
 
 
-def tie_free_scores(B, H_sel, n_max, valid):
-    scores = torch.randperm(B * H_sel * n_max).view(B, H_sel, n_max).float() / 7.0 - 3.0
-    for b, n in enumerate(valid):
-        scores[b, :, n:] = float("-inf")
-    return scores
-
-
-def as_sets(pages: torch.Tensor) -> list:
-    return [[sorted(x for x in row if x >= 0) for row in seq] for seq in pages.tolist()]
-
-
-@pytest.mark.parametrize(
-    "valid,k,k_max",
-    [
-        ((9, 4), (3, 3), 5),  # ordinary
-        ((9, 4), (1, 1), 4),  # only the forced page
-        ((6, 2), (6, 5), 6),  # k >= valid pages: all of them
-        ((12, 12), (12, 4), 12),  # k == n_max
-        ((5, 3), (2, 4), 9),  # k_max wider than n_max - 1
-    ],
-    ids=["ordinary", "k1", "k-past-valid", "k-eq-n", "wide-kmax"],
-)
-@pytest.mark.parametrize("h_sel", [1, 3])
-def test_select_matches_reference(valid, k, k_max, h_sel) -> None:
-    seed = fresh_seed()
-    B, n_max = len(valid), max(valid)
-    scores = tie_free_scores(B, h_sel, n_max, valid)
-    forced = torch.tensor([n - 1 - (b % 2) for b, n in enumerate(valid)], dtype=torch.int32)  # not always the top
-    k_t = torch.tensor(k, dtype=torch.int32)
-    pages = quest_select(scores, k_t, k_max, forced)
-    expected = quest_select_ref(scores, k_t, k_max, forced)
-    assert pages.shape == (B, h_sel, k_max) and pages.dtype == torch.int32
-    assert as_sets(pages) == as_sets(expected), f"seed {seed}: {pages.tolist()} vs {expected.tolist()}"
-    assert torch.all(pages[:, :, 0] == forced.view(B, 1)), f"seed {seed}"
-    for b in range(B):
-        want = min(k[b], k_max, valid[b])
-        assert all(len(row) == want for row in as_sets(pages)[b]), f"seed {seed}"
-
-
-def test_select_skips_empty_pages_inside_the_range() -> None:
-    scores = torch.tensor([[[5.0, float("-inf"), 1.0, float("-inf"), 2.0]]])
-    pages = quest_select(scores, torch.tensor([4]), 4, torch.tensor([4]))
-    assert pages.tolist() == [[[4, 0, 2, -1]]]
-    assert as_sets(quest_select_ref(scores, torch.tensor([4]), 4, torch.tensor([4]))) == [[[0, 2, 4]]]
-
-
-# ---- the kernel pipeline against the torch method path --------------------------------------------
-@pytest.mark.parametrize("selection", ["kv_head", "layer"])
-def test_pipeline_matches_quest_method(selection) -> None:
-    """scores -> select -> sparse_paged_attention equals QuestMethod.select + attend_selection."""
+# ---- Quest's selection and attention on both op tables ---------------------------------------------
+@pytest.mark.parametrize("selection", ["kv_head", "q_head", "layer"])
+def test_quest_method_on_triton_ops_equals_torch_ops(selection) -> None:
+    """QuestMethod.select + attend_selection on the triton op table equal the same code on the torch one."""
     _needs_kernel_device("cpu")
-    from retrobench.kernels.paged_attention import sparse_paged_attention
+    from harness import forward_for
+
+    from retrobench.kernels.ops import TORCH_OPS, TRITON_OPS
+    from retrobench.methods.base import ModelSpec
     from retrobench.methods.common import attend_selection
     from retrobench.methods.quest import QuestMethod
 
     from retrobench.engine.cache import PagedKVCache
 
     seed = fresh_seed()
-    B, H, H_kv, D, P, lengths = 2, 6, 2, 24, 4, (45, 33)
+    B, H, H_kv, D, P, T = 2, 6, 2, 24, 4, 45
+    spec = ModelSpec(1, H, H_kv, D, P)
     cache = PagedKVCache(1, H_kv, D, P, max_tokens=48, batch_size=B)
     cache.remap(cache.page_table[:, torch.randperm(cache.pages_per_seq)])  # non-contiguous logical -> physical
-    for b, T in enumerate(lengths):
-        pos = torch.arange(T).view(1, T)
-        cache.reserve(pos, torch.tensor([b]))
-        cache.write(0, pos, torch.randn(1, H_kv, T, D), torch.randn(1, H_kv, T, D), torch.tensor([b]))
+    pos = torch.arange(T).expand(B, T)
+    TORCH_OPS.write_kv(cache.k[0], cache.v[0], cache.page_table, pos, torch.randn(B, H_kv, T, D), torch.randn(B, H_kv, T, D))
+    TORCH_OPS.update_page_minmax(cache.k[0], cache.kmin[0], cache.kmax[0], cache.page_table, pos, torch.full((B,), T))
     method = QuestMethod(budget={"tokens": 16}, selection=selection, dense_layers=0)
     q = torch.randn(B, H, 1, D)
-    scaling = D**-0.5
-
-    page_table = cache.page_table.to(torch.int32)
-    n_pages = torch.tensor([math.ceil(T / P) for T in lengths], dtype=torch.int32)
-    k = torch.tensor([method.budget.num_pages(T, P, method.min_pages) for T in lengths], dtype=torch.int32)
-    scores = quest_page_scores(q[:, :, 0], cache.kmin[0], cache.kmax[0], page_table, n_pages, selection)
-    pages = quest_select(scores, k, int(k.max()), n_pages - 1)
-    if selection == "layer":
-        pages = pages.expand(B, H_kv, -1)
-    q_pos = torch.tensor([[T - 1] for T in lengths], dtype=torch.int32)
-    out, lse = sparse_paged_attention(q, cache.k[0], cache.v[0], page_table, pages, q_pos, scaling)
-
-    for b, T in enumerate(lengths):
-        select, _ = method.select(0, q[b, :, -1], cache, b, T, None, scaling)
-        ref_out, ref_lse, _ = attend_selection(
-            q[b], cache.keys(0, b, T), cache.values(0, b, T), torch.tensor([T - 1]), scaling, select,
-            cache.live_mask(0, b, T),
-        )  # fmt: skip
-        assert_close(f"out[{b}]", out[b], ref_out, 2e-5, 2e-5, seed=seed)
-        assert_close(f"lse[{b}]", lse[b], ref_lse, 2e-5, 2e-5, seed=seed)
+    results = {}
+    for ops in (TORCH_OPS, TRITON_OPS):
+        state = method.new_state(spec, B, 48, torch.device("cpu"))
+        fwd = forward_for(method, spec, cache, state, torch.full((B, 1), T - 1), ops=ops)
+        sel = method.select(0, q[:, :, -1], fwd, state)
+        results[ops.name] = (sel.units, *attend_selection(0, q, fwd, sel))
+    units, out, lse = results["triton"]
+    assert torch.equal(units, results["torch"][0]), f"seed {seed}"
+    assert_close("out", out, results["torch"][1], 2e-5, 2e-5, seed=seed)
+    assert_close("lse", lse, results["torch"][2], 2e-5, 2e-5, seed=seed)
 
 
 # ---- GPU ----------------------------------------------------------------------------------------------
@@ -193,15 +135,3 @@ def test_pipeline_matches_quest_method(selection) -> None:
 def test_page_scores_match_reference_gpu(dtype, group_reduce) -> None:
     _needs_kernel_device("cuda")
     check_scores((2, 32, 8, 128, (256, 190), 257), dtype, group_reduce, 0.05, "cuda")
-
-
-@pytest.mark.gpu
-def test_select_matches_reference_gpu() -> None:
-    seed = fresh_seed()
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    scores = tie_free_scores(2, 8, 256, (256, 190)).cuda()
-    forced = torch.tensor([255, 189], dtype=torch.int32, device="cuda")
-    k = torch.tensor([128, 100], dtype=torch.int32, device="cuda")
-    pages = quest_select(scores, k, 128, forced)
-    assert as_sets(pages) == as_sets(quest_select_ref(scores, k, 128, forced)), f"seed {seed}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +77,58 @@ def test_transformers_kernels_probe_unaffected_by_checkout(tmp_path: Path) -> No
     # how `make` starts Python (PYTHONSAFEPATH=1: the working directory is not put on sys.path)
     as_make = _probe(ROOT, PYTHONSAFEPATH="1")
     assert as_make == outside, "the checkout's kernels/ folder is visible as a top-level package"
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.append((node.lineno, node.module))
+    return found
+
+
+def test_kernels_import_nothing_of_the_methods_or_the_engine() -> None:
+    """``kernels/`` is the seam between methods and hardware: it depends on torch and triton only."""
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line}: import {name}"
+        for path in sorted((ROOT / "kernels").glob("*.py"))
+        for line, name in _imports(path)
+        if name.startswith("retrobench") and not name.startswith("retrobench.kernels")
+    ]
+    assert not offenders, "kernels/ must not import the methods, the engine or the drivers:\n" + "\n".join(offenders)
+
+
+METHOD_NAMES = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+
+
+def test_the_engine_names_no_method() -> None:
+    """Everything method-specific lives behind the method contract: no method name, module or class
+    appears in retrobench/engine/ (as an import, a string, or an identifier)."""
+    distinctive = [m for m in METHOD_NAMES if m != "full"]  # "full" is also a torch function name
+    offenders = []
+    for path in sorted((ROOT / "retrobench" / "engine").glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        docstrings = {
+            id(node.body[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and node.body
+            and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+        }  # fmt: skip
+        for node in ast.walk(tree):
+            where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                words = set(node.value.lower().replace(".", " ").replace("=", " ").split())
+                offenders += [f"{where}: string {node.value!r}" for m in METHOD_NAMES if m in words]
+            elif isinstance(node, (ast.Name, ast.Attribute, ast.FunctionDef, ast.ClassDef, ast.arg)):
+                ident = getattr(node, "id", None) or getattr(node, "attr", None) or getattr(node, "name", None) \
+                    or getattr(node, "arg", "")  # fmt: skip
+                words = set(re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", ident).lower().split("_"))
+                offenders += [f"{where}: identifier {ident}" for m in distinctive if m in words]
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + ([node.module] if getattr(node, "module", None) else [])
+                offenders += [f"{where}: import {n}" for n in names
+                              if n.startswith("retrobench.methods.") and n.split(".")[2] in METHOD_NAMES]  # fmt: skip
+    assert METHOD_NAMES and not offenders, "the engine names a method:\n" + "\n".join(offenders)

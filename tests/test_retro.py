@@ -11,6 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from harness import selection_mask
+
 from retrobench.engine import Engine
 from retrobench.kernels.attention_ref import attention_ref, merge_states_ref
 from retrobench.methods.full import FullMethod
@@ -64,20 +66,20 @@ def test_merge_of_disjoint_sets_equals_attention_over_union(t, split, heads, see
 
 @dataclass
 class RecordingQuest(QuestMethod):
-    """Quest that logs every selection (layer, mask) in call order."""
+    """Quest that logs every selection (layer, ``[H_sel, T]`` key mask of sequence 0) in call order."""
 
     name: ClassVar[str] = "quest"
     log: list = field(default_factory=list)
 
-    def select(self, layer, q, cache, b, end, state, scaling):
-        mask, pages = super().select(layer, q, cache, b, end, state, scaling)
-        self.log.append((layer, mask.clone()))
-        return mask, pages
+    def select(self, layer, q, fwd, state):
+        sel = super().select(layer, q, fwd, state)
+        self.log.append((layer, selection_mask(sel.units, sel.unit, int(fwd.ends[0]))[0]))
+        return sel
 
 
 @dataclass
 class CaptureRetro(RetroMethod):
-    """RetroAttention that records each sparse decode call's query and output (test double)."""
+    """RetroAttention that records each decode call's positions, query and output (test double)."""
 
     name: ClassVar[str] = "retro"
     calls: dict = field(default_factory=dict)
@@ -86,10 +88,10 @@ class CaptureRetro(RetroMethod):
         super().__post_init__()
         self.selector = RecordingQuest(budget=self.budget, selection=self.selection, dense_layers=self.dense_layers)
 
-    def decode(self, layer, q, cache, info, state) -> Any:
-        result = super().decode(layer, q, cache, info, state)
-        self.calls[(layer, info.step)] = (info.positions[0].clone(), q[0].clone(), result.out[0].clone())
-        return result
+    def decode(self, layer, q, fwd) -> Any:
+        out, lse = super().decode(layer, q, fwd)
+        self.calls[(layer, int(fwd.step[0]))] = (fwd.pos[0].clone(), q[0].clone(), out[0].clone())
+        return out, lse
 
 
 def run_retro(model, window: int, steps: int, budget: int = 32, prompt_len: int = 160):
@@ -133,7 +135,7 @@ def _layer_kv(engine: Engine, model, gen, layer: int):
     request = full.new_request(len(gen.tokens) + 200)
     ids = prompt(model, 160, 2) + gen.tokens
     full.prefill(request, torch.tensor([ids]))
-    return request.cache.keys(layer, 0).clone(), request.cache.values(layer, 0).clone()
+    return request.cache.keys(layer, 0, len(ids)).clone(), request.cache.values(layer, 0, len(ids)).clone()
 
 
 @pytest.mark.parametrize("window", [2, 4, 8])
@@ -164,7 +166,7 @@ def test_kv_overwrite_matches_recomputation_from_revised_outputs(tiny_random):
     model, _ = tiny_random
     method = CaptureRetro(window=2, budget={"tokens": 24})
     engine = Engine(model, method)
-    request = engine.new_request(400)
+    request = engine.new_request(400, record_steps=True)
     ids = prompt(model, 160, 3)
     logits = engine.prefill(request, torch.tensor([ids]))
     tokens = [int(logits.argmax())]
@@ -175,7 +177,7 @@ def test_kv_overwrite_matches_recomputation_from_revised_outputs(tiny_random):
         logits = engine.forward(request, torch.tensor([tokens[lo:]]), pos, "decode", step)
         tokens.append(int(logits.argmax()))
         snapshots.append((request.cache.k.clone(), request.cache.v.clone()))
-    assert any(s.get("supplement_kv", 0) > 0 for s in request.step_stats)
+    assert any(s.get("supplement_kv", 0) > 0 for s in engine.step_stats(request))
     first_sparse = method.dense_layers
     changed = 0
     for step in range(1, 8):
@@ -222,10 +224,13 @@ def _recompute_kv(model, engine, method: CaptureRetro, token: int, p: int, step:
 
 
 def test_output_cache_is_constant_over_512_steps(tiny_random):
+    """The output cache is preallocated for w-1 past tokens and never grows; its slots hold exactly
+    the last w-1 generated tokens' merged outputs."""
     model, _ = tiny_random
     method = RetroMethod(window=4, budget={"tokens": 64})
     gen_engine = Engine(model, method)
-    request = gen_engine.new_request(800)
+    request = gen_engine.new_request(800, record_steps=True)
+    shapes = {name: tuple(getattr(request.state, name).shape) for name in ("out", "lse", "own", "exposed")}
     logits = gen_engine.prefill(request, torch.tensor([prompt(model, 100, 4)]))
     tokens = [int(logits.argmax())]
     for step in range(512):
@@ -233,9 +238,13 @@ def test_output_cache_is_constant_over_512_steps(tiny_random):
         pos = torch.arange(100 + lo, 100 + len(tokens)).unsqueeze(0)
         logits = gen_engine.forward(request, torch.tensor([tokens[lo:]]), pos, "decode", step)
         tokens.append(int(logits.argmax()))
-    sizes = {s["output_cache_bytes"] for s in request.step_stats[3:]}
+    sizes = {s["output_cache_bytes"] for s in gen_engine.step_stats(request)}
     assert len(sizes) == 1 and sizes.pop() > 0
-    assert all(len(entries) == 3 for layer in request.state.outputs[method.dense_layers:] for entries in layer)
+    assert {name: tuple(getattr(request.state, name).shape) for name in shapes} == shapes
+    L, slots = model.config.num_hidden_layers, method.window - 1
+    assert shapes["out"][:3] == (L, 1, slots)
+    assert torch.isfinite(request.state.lse[method.dense_layers :]).all()  # every slot holds a token
+    assert torch.isneginf(request.state.lse[: method.dense_layers]).all()  # dense layers keep none
 
 
 @pytest.mark.parametrize("window", [1, 2, 4, 8])

@@ -9,11 +9,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from harness import forward_for, selection_mask
+
 from retrobench.engine.cache import PagedKVCache
-from retrobench.methods.base import Budget, ConfigError
-from retrobench.methods.common import topk_with_forced
+from retrobench.kernels.ops import TORCH_OPS
+from retrobench.kernels.quest import quest_page_scores_ref
+from retrobench.kernels.topk import topk_forced_ref
+from retrobench.methods.base import Budget, ConfigError, ModelSpec
 from retrobench.methods.oracle import OracleMethod
-from retrobench.methods.quest import QuestMethod, quest_page_scores
+from retrobench.methods.quest import QuestMethod
+
+
+def quest_page_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Per-query-head bounds ``[H, n]`` of one sequence (the kernels' reference, one page per row)."""
+    n = kmin.shape[0]
+    table = torch.arange(n, dtype=torch.int32).view(1, n)
+    return quest_page_scores_ref(q.unsqueeze(0), kmin, kmax, table, torch.tensor([n]), "q_head")[0]
 
 
 @settings(max_examples=80, deadline=None)
@@ -40,14 +51,24 @@ def test_quest_score_is_brute_force_and_an_upper_bound(n_pages, page_size, kv_he
             assert float(dots.max()) <= float(scores[h, j]) + 1e-4
 
 
-def _cache_with_keys(keys: torch.Tensor, page_size: int) -> PagedKVCache:
+def _cache_with_keys(keys: torch.Tensor, page_size: int) -> tuple[PagedKVCache, ModelSpec]:
     T, H_kv, D = keys.shape
+    spec = ModelSpec(1, H_kv, H_kv, D, page_size)
     cache = PagedKVCache(1, H_kv, D, page_size, max_tokens=T)
     pos = torch.arange(T).unsqueeze(0)
-    cache.reserve(pos)
     kv = keys.transpose(0, 1).unsqueeze(0)
-    cache.write(0, pos, kv, kv)
-    return cache
+    TORCH_OPS.write_kv(cache.k[0], cache.v[0], cache.page_table, pos, kv, kv)
+    TORCH_OPS.update_page_minmax(cache.k[0], cache.kmin[0], cache.kmax[0], cache.page_table, pos, torch.tensor([T]))
+    return cache, spec
+
+
+def _select(method, cache, q: torch.Tensor, T: int):
+    """The method's selection for the current query ``q [H, D]`` at context T, as a ``[H_sel, T]`` mask."""
+    spec = ModelSpec(1, q.shape[0], cache.num_kv_heads, cache.head_dim, cache.page_size)
+    state = method.new_state(spec, 1, T, torch.device("cpu"))
+    fwd = forward_for(method, spec, cache, state, [T - 1])
+    sel = method.select(0, q.unsqueeze(0), fwd, state)
+    return selection_mask(sel.units, sel.unit, T)[0], sel
 
 
 def _brute_mass(q, keys, scaling):
@@ -63,9 +84,9 @@ def test_oracle_selects_brute_force_top_k(selection, granularity):
     T, H_kv, G, D, P = 70, 2, 3, 8, 4
     keys = torch.randn(T, H_kv, D, generator=gen)
     q = torch.randn(H_kv * G, D, generator=gen)
-    cache = _cache_with_keys(keys, P)
+    cache, _ = _cache_with_keys(keys, P)
     method = OracleMethod(budget={"tokens": 12}, selection=selection, granularity=granularity)
-    select, _ = method.select(0, q, cache, 0, T, None, D**-0.5)
+    select, _ = _select(method, cache, q, T)
     probs = _brute_mass(q, keys, D**-0.5)
     groups = {"kv_head": [list(range(g * G, (g + 1) * G)) for g in range(H_kv)], "q_head": [[h] for h in range(H_kv * G)],
               "layer": [list(range(H_kv * G))]}[selection]  # fmt: skip
@@ -87,10 +108,11 @@ def test_quest_selects_top_pages_plus_current():
     T, H_kv, G, D, P = 61, 2, 2, 6, 8
     keys = torch.randn(T, H_kv, D, generator=gen)
     q = torch.randn(H_kv * G, D, generator=gen)
-    cache = _cache_with_keys(keys, P)
+    cache, _ = _cache_with_keys(keys, P)
     method = QuestMethod(budget={"tokens": 24})  # 3 pages incl. the current one
-    select, pages = method.select(0, q, cache, 0, T, None, D**-0.5)
-    kmin, kmax = cache.page_meta(0, 0)
+    select, sel = _select(method, cache, q, T)
+    pages = (sel.units[0] >= 0).sum(dim=-1)
+    kmin, kmax = cache.page_meta(0, 0, T)
     scores = quest_page_scores(q, kmin, kmax).view(H_kv, G, -1).sum(dim=1)
     for h in range(H_kv):
         s = scores[h].clone()
@@ -100,11 +122,12 @@ def test_quest_selects_top_pages_plus_current():
         assert chosen == expected and float(pages[h]) == 3
 
 
-def test_topk_with_forced_covers_everything_when_budget_is_large():
-    scores = torch.randn(2, 5)
-    assert topk_with_forced(scores, 5, forced=1).all()
-    mask = topk_with_forced(scores, 2, forced=4)
-    assert mask[:, 4].all() and mask.sum().item() == 4
+def test_topk_forced_covers_everything_when_budget_is_large():
+    scores = torch.randn(1, 2, 5)
+    every = topk_forced_ref(scores, torch.tensor([5]), 5, torch.tensor([1]))
+    assert all(sorted(row) == [0, 1, 2, 3, 4] for row in every[0].tolist())
+    two = topk_forced_ref(scores, torch.tensor([2]), 2, torch.tensor([4]))
+    assert (two[0, :, 0] == 4).all() and (two >= 0).sum().item() == 4
 
 
 def test_budget_rules():
@@ -124,8 +147,6 @@ def test_budget_rules():
 
 def test_quest_scores_empty_pages_minus_inf() -> None:
     """A page with no live key (kmin = +inf, kmax = -inf) can never outrank a real page."""
-    from retrobench.methods.quest import quest_page_scores
-
     kmin, kmax = torch.randn(3, 2, 8), torch.randn(3, 2, 8)
     kmax = torch.maximum(kmin, kmax)
     kmin[1], kmax[1] = float("inf"), float("-inf")

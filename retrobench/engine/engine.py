@@ -7,6 +7,12 @@ retrospective window (RetroAttention) makes each decode step a multi-token forwa
 token plus up to w-1 earlier generated tokens, whose K/V are overwritten in every layer; only the
 current token's logits are computed and sampled.
 
+Both backends run the same method code; ``engine.backend`` only picks the kernel ops
+(``retrobench.kernels.ops``): ``torch`` their PyTorch references, ``triton`` the Triton kernels,
+whose decode steps are captured in CUDA graphs on a GPU (``retrobench/engine/graphs.py``).
+The engine names no method: everything method-specific happens behind the method contract
+(``methods/base.py``). Per-step accounting stays on the device and is read once per request.
+
 Teacher forcing feeds given tokens instead of sampled ones (perplexity over position, fidelity).
 Sampling is greedy by default, or seeded temperature / top-p sampling.
 """
@@ -14,6 +20,7 @@ Sampling is greedy by default, or seeded temperature / top-p sampling.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,11 +30,10 @@ from typing import Any
 import torch
 
 from retrobench.engine.cache import PagedKVCache
-from retrobench.engine.fast import FastContext, FastDecoder, GraphRunner, StepPlan, check_fast_method
-from retrobench.engine.hook import FAST_IMPLEMENTATION, ForwardContext, register
-from retrobench.methods.base import ConfigError, Method, ModelSpec, StepInfo
-
-BACKENDS = ("torch", "triton")
+from retrobench.engine.graphs import CaptureGuard, GraphRunner, StepBuffers, make_forward
+from retrobench.engine.hook import Call, register
+from retrobench.kernels.ops import BACKENDS, TritonUnavailable, get_ops
+from retrobench.methods.base import INT32_MAX, Accounting, ConfigError, Forward, Method, ModelSpec, state_tensors
 
 
 @dataclass(frozen=True)
@@ -68,14 +74,20 @@ class Generation:
 
 @dataclass
 class Request:
-    """Per-request state: the cache and the method's state. Never shared between requests."""
+    """Per-request state: the cache, the method's state and the accounting. Never shared between requests.
+
+    ``history`` (``record_steps=True``): after every decode step, copies of the accounting sums and
+    counts on the device, for per-step checks (:meth:`Engine.step_stats`).
+    """
 
     cache: PagedKVCache
     state: Any
-    step_stats: list[dict[str, float]] = field(default_factory=list)
+    acct: Accounting
     probes: list[dict[str, Any]] = field(default_factory=list)  # per probed step: per-layer fidelity
-    fast: FastDecoder | None = None  # backend=triton: static decode buffers (after prefill)
-    graphs: dict[int, GraphRunner] = field(default_factory=dict)  # backend=triton on CUDA: per S
+    history: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    buffers: StepBuffers | None = None  # static decode inputs (created at the first decode step)
+    graphs: dict[int, GraphRunner] = field(default_factory=dict)  # captured decode steps, per S
+    prompt_tokens: int = 0
 
 
 def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
@@ -105,13 +117,15 @@ class Engine:
     method: a :class:`retrobench.methods.base.Method`.
     page_size: P, a power of two.
     prefill_chunk: prompt tokens per dense prefill forward.
-    backend: ``torch`` (the reference path) or ``triton`` (:mod:`retrobench.engine.fast`: Triton
-        kernels, static shapes, decode forwards captured in CUDA graphs on a GPU; methods full,
-        quest and retro over quest; prefill stays on the reference path; per-step attention
-        accounting and probes are reference-only).
+    backend: ``torch`` (the ops' PyTorch references) or ``triton`` (the Triton kernels: a CUDA GPU,
+        or CPU under ``TRITON_INTERPRET=1``). Every method runs on both.
     probe_every: every k-th decode step, compare each sparse layer's attention for the current
         query with dense attention (mass recall, output error; costs a dense read); 0 = never.
+        Probed steps run eagerly.
     cuda_graphs: with ``backend=triton`` on CUDA, replay decode steps from captured graphs.
+    capture_check: run eager decode steps under :class:`~retrobench.engine.graphs.CaptureGuard`,
+        which raises on any host synchronisation or host-built tensor (what breaks a CUDA-graph
+        capture), kernel launches excepted: the CPU check of the graph-captured code.
     """
 
     def __init__(
@@ -123,6 +137,7 @@ class Engine:
         backend: str = "torch",
         probe_every: int = 0,
         cuda_graphs: bool = True,
+        capture_check: bool = False,
     ) -> None:
         if not isinstance(page_size, int) or page_size < 1 or page_size & (page_size - 1):
             raise ConfigError(f"engine.page_size must be a power of two (1, 2, 4, ..., 16, ...), got {page_size!r}")
@@ -137,10 +152,19 @@ class Engine:
         self.backend = backend
         self.probe_every = probe_every
         self.cuda_graphs = cuda_graphs
-        if backend == "triton":
-            check_fast_method(method)
-            if probe_every:
-                raise ConfigError("attention probes (task.probe_every) need engine.backend=torch; allowed with engine.backend=triton: tasks without probes")
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        try:
+            self.ops = get_ops(backend, self.device)
+        except TritonUnavailable as exc:
+            raise ConfigError(
+                f"engine.backend=triton cannot run on device={self.device}: {exc}; allowed here: torch "
+                "(or a CUDA device, or TRITON_INTERPRET=1 set before Python starts)"
+            ) from None
+        self.guard = CaptureGuard() if capture_check else None
+        if self.guard is not None:  # kernel launches (and references that may sync) run unchecked
+            opaque = {n: self.guard.opaque(f) for n, f in self.ops.impl().items() if n in self.ops.kernels}
+            self.ops = dataclasses.replace(self.ops, **opaque)
         self._impl = register()
         cfg = model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -152,31 +176,49 @@ class Engine:
             page_size=page_size,
         )
         self.max_context = int(getattr(cfg, "max_position_embeddings", 1 << 30))
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
         self.scaling = head_dim**-0.5
+
+    @property
+    def graphs_enabled(self) -> bool:
+        return self.cuda_graphs and self.ops.capturable and self.device.type == "cuda"
 
     # ---- low level ---------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _our_attention(self, impl: str | None = None) -> Iterator[None]:
+    def _our_attention(self) -> Iterator[None]:
         """Route the model's attention to retrobench for the duration of one forward."""
         previous = self.model.config._attn_implementation
-        self.model.config._attn_implementation = impl or self._impl
+        self.model.config._attn_implementation = self._impl
         try:
             yield
         finally:
             self.model.config._attn_implementation = previous
 
-    def new_request(self, max_tokens: int, batch_size: int = 1) -> Request:
+    def new_request(self, max_tokens: int, batch_size: int = 1, record_steps: bool = False) -> Request:
+        """Fresh cache, method state and accounting for ``batch_size`` sequences of up to ``max_tokens``."""
         if max_tokens > self.max_context:
             raise ConfigError(
                 f"prompt + max_new_tokens = {max_tokens} tokens exceeds the model's context of {self.max_context}"
             )
         cache = PagedKVCache(
             self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, self.page_size,
-            max_tokens, batch_size, self.dtype, self.device,
+            max_tokens, batch_size, self.dtype, self.device, page_meta=self.method.needs_page_meta,
         )  # fmt: skip
-        return Request(cache=cache, state=self.method.new_state(self.spec, batch_size, self.device))
+        return Request(
+            cache=cache,
+            state=self.method.new_state(self.spec, batch_size, cache.capacity, self.device),
+            acct=Accounting(self.spec.num_layers, batch_size, self.device),
+            history=[] if record_steps else None,
+        )
+
+    def _forward_ctx(self, request: Request, phase: str, **tensors: Any) -> Forward:
+        return make_forward(phase, self.ops, request.cache, request.state, self.spec, self.scaling, request.acct,
+                            **tensors)  # fmt: skip
+
+    def _run(self, ids: torch.Tensor, call: Call) -> torch.Tensor:
+        call.fwd.memo.clear()
+        with self._our_attention():
+            out = self.model(input_ids=ids, position_ids=call.fwd.pos, use_cache=False, logits_to_keep=1, rb=call)
+        return out.logits[:, -1].float()
 
     @torch.inference_mode()
     def forward(
@@ -185,66 +227,81 @@ class Engine:
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         phase: str,
-        step: int,
+        step: int | Sequence[int],
         last_chunk: bool = False,
     ) -> torch.Tensor:
-        """Run ``input_ids [B, S]`` at ``positions [B, S]``; returns the last token's logits ``[B, V]``."""
-        if phase == "decode" and self.backend == "triton":
-            return self._fast_forward(request, input_ids, positions, step)
-        info = StepInfo(phase=phase, positions=positions, step=step, scaling=self.scaling, last_chunk=last_chunk)
-        request.cache.reserve(positions)
-        probe = phase == "decode" and self.probe_every > 0 and step % self.probe_every == 0
-        ctx = ForwardContext(cache=request.cache, method=self.method, state=request.state, info=info, probe=probe)
-        with self._our_attention():
-            out = self.model(
-                input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=1, rb=ctx
-            )
-        if phase == "decode":
-            request.step_stats.append(self._step_stats(request, ctx))
-        return out.logits[:, -1].float()
-
-    def _fast_forward(self, request: Request, input_ids: torch.Tensor, positions: torch.Tensor, step: int) -> torch.Tensor:
-        """A decode step of the triton backend (eager, or a CUDA-graph replay per S)."""
-        if request.fast is None:
-            request.fast = FastDecoder(self.method, self.spec, request.cache, self.scaling)
-        dec = request.fast
-        dec.load_plan(StepPlan(positions.cpu(), step))
-        S = positions.shape[1]
-        ctx = FastContext(dec)
-
-        def run(ids: torch.Tensor) -> torch.Tensor:
-            dec.begin_step()
-            with self._our_attention(FAST_IMPLEMENTATION):
-                out = self.model(input_ids=ids, position_ids=dec.pos[:, :S], use_cache=False, logits_to_keep=1, rb=ctx)
-            return out.logits[:, -1].float()
-
-        if self.device.type == "cuda" and self.cuda_graphs:
+        """Run ``input_ids [B, S]`` at ``positions [B, S]`` (ascending per row); returns the last
+        token's logits ``[B, V]``. ``step``: the decode step of the current token (per sequence or
+        one for all)."""
+        positions = positions.detach().to("cpu", torch.int64)
+        B, S = positions.shape
+        ends = (positions[:, -1] + 1).tolist()
+        steps = [int(step)] * B if isinstance(step, int) else [int(s) for s in step]
+        plan = self.method.plan(request.state, ends, steps, phase, last_chunk)
+        if phase == "prefill":
+            return self._prefill_forward(request, input_ids, positions, plan, last_chunk)
+        if request.buffers is None:
+            request.buffers = StepBuffers(B, self.method.reprocess_window, sorted(plan),
+                                          lambda **t: self._forward_ctx(request, "decode", **t), self.device)  # fmt: skip
+        request.buffers.load(positions, steps, self.page_size, plan)
+        fwd = request.buffers.forward(S)
+        self.method.prepare(fwd)
+        probe = self.probe_every > 0 and steps[0] % self.probe_every == 0
+        ids = input_ids.to(self.device)
+        if probe:
+            call = Call(self.method, fwd, probes={})
+            logits = self._run(ids, call)
+            self._keep_probes(request, steps[0], call.probes)
+        elif self.graphs_enabled:
             if S not in request.graphs:
-                request.graphs[S] = GraphRunner(run, dec, input_ids)
-            logits = request.graphs[S].run(input_ids)
+                mutable = state_tensors(request.state) + request.acct.tensors()
+                request.graphs[S] = GraphRunner(lambda x: self._run(x, Call(self.method, fwd)), mutable, ids)
+            logits = request.graphs[S].run(ids)
+        elif self.guard is not None:
+            with self.guard:
+                logits = self._run(ids, Call(self.method, fwd))
         else:
-            logits = run(input_ids)
-        request.step_stats.append({"context": float(positions[:, -1].float().mean() + 1)})
+            logits = self._run(ids, Call(self.method, fwd))
+        if request.history is not None:
+            request.history.append((request.acct.sums.clone(), request.acct.counts.clone()))
         return logits
 
-    def _step_stats(self, request: Request, ctx: ForwardContext) -> dict[str, float]:
-        stats = dict(self.method.end_step(ctx.info, request.cache, request.state))
-        if not self.method.reports_exposure:  # every query sees exactly its own selection
-            stats["exposure"] = 1.0
-        stats["context"] = float(ctx.info.positions[:, -1].float().mean() + 1)
-        if ctx.attended:  # the current (last) query of each sequence, over sparse layers
-            current = torch.stack([a[:, -1] for a in ctx.attended])
-            stats["attended_kv"] = float(current.mean())
-            stats["attended_kv_max"] = float(current.max())
-        if ctx.pages:
-            stats["pages_selected"] = float(torch.stack([p[:, -1] for p in ctx.pages]).mean())
-        stats["resident_kv"] = float(self.method.resident_tokens(request.cache, request.state).float().mean())
-        if ctx.recall:
-            stats["mass_recall"] = float(torch.stack(list(ctx.recall.values())).mean())
-            stats["attn_out_rel_err"] = float(torch.stack(list(ctx.out_error.values())).mean())
-            request.probes.append({"step": ctx.info.step, "recall": {k: float(v.mean()) for k, v in ctx.recall.items()},
-                                   "out_error": {k: float(v.mean()) for k, v in ctx.out_error.items()}})  # fmt: skip
-        return stats
+    def _prefill_forward(
+        self, request: Request, input_ids: torch.Tensor, positions: torch.Tensor, plan: dict[str, list[int]],
+        last_chunk: bool,
+    ) -> torch.Tensor:  # fmt: skip
+        dev = self.device
+        B, S = positions.shape
+        ends = positions[:, -1] + 1
+        fwd = self._forward_ctx(
+            request, "prefill", pos=positions.to(dev), ends=ends.to(dev),
+            n_pages=((ends + self.page_size - 1) // self.page_size).to(dev),
+            step=torch.full((B,), -1, dtype=torch.int64, device=dev),
+            q_step=torch.full((B, S), INT32_MAX, dtype=torch.int64, device=dev),
+            plan={k: torch.tensor(v, dtype=torch.int64, device=dev) for k, v in plan.items()},
+            last_chunk=last_chunk,
+        )  # fmt: skip
+        request.prompt_tokens = int(ends.max())
+        return self._run(input_ids.to(dev), Call(self.method, fwd))
+
+    def _keep_probes(self, request: Request, step: int, probes: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Per probed step, per sparse layer: mass recall and output error of sequence 0."""
+        if probes:
+            request.probes.append({"step": step, "recall": {k: v[0][0] for k, v in probes.items()},
+                                   "out_error": {k: v[1][0] for k, v in probes.items()}})  # fmt: skip
+
+    def step_stats(self, request: Request, b: int = 0) -> list[dict[str, float]]:
+        """Per decode step (``record_steps=True``), the metrics recorded in that step for sequence ``b``."""
+        if request.history is None:
+            raise ValueError("per-step stats need new_request(..., record_steps=True)")
+        names = Accounting.METRICS
+        out, prev_s, prev_c = [], None, None
+        for sums, counts in request.history:
+            s, c = sums[b].cpu(), counts[b].cpu()
+            ds, dc = (s, c) if prev_s is None else (s - prev_s, c - prev_c)
+            out.append({n: float(ds[i] / dc[i]) for i, n in enumerate(names) if dc[i] > 0})
+            prev_s, prev_c = s, c
+        return out
 
     def prefill(self, request: Request, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Dense chunked prefill of ``prompt_ids [B, L]``; returns the last prompt token's logits."""
@@ -252,7 +309,7 @@ class Engine:
         logits = None
         for start in range(0, L, self.prefill_chunk):
             end = min(L, start + self.prefill_chunk)
-            pos = torch.arange(start, end, device=self.device).expand(prompt_ids.shape[0], -1)
+            pos = torch.arange(start, end).expand(prompt_ids.shape[0], -1)
             logits = self.forward(request, prompt_ids[:, start:end], pos, "prefill", -1, last_chunk=end == L)
         assert logits is not None
         return logits
@@ -305,7 +362,7 @@ class Engine:
                 t_step = time.perf_counter()
                 lo = max(0, n - window)
                 feed = torch.tensor([tokens[lo:n]], dtype=torch.long, device=self.device)
-                pos = torch.arange(L0 + lo, L0 + n, device=self.device).unsqueeze(0)
+                pos = torch.arange(L0 + lo, L0 + n).unsqueeze(0)
                 logits = self.forward(request, feed, pos, "decode", n - 1)
             if keep_logits:
                 kept.append(logits[0].clone())
@@ -335,16 +392,24 @@ class Engine:
             step_times_s=step_times,
             stats=self._summarize(request),
             logits=torch.stack(kept) if keep_logits else None,
-            probes=request.probes,
+            probes=self.probe_records(request),
         )
 
-    def _summarize(self, request: Request) -> dict[str, float]:
-        keys = sorted({k for s in request.step_stats for k in s})
-        out = {
-            k: sum(s[k] for s in request.step_stats if k in s) / max(1, sum(1 for s in request.step_stats if k in s))
-            for k in keys
-        }
-        resident = self.method.resident_tokens(request.cache, request.state).float().mean()
+    @staticmethod
+    def probe_records(request: Request) -> list[dict[str, Any]]:
+        """The probed steps with per-layer values as floats (one host read at the end)."""
+        return [
+            {"step": p["step"], "recall": {k: float(v) for k, v in p["recall"].items()},
+             "out_error": {k: float(v) for k, v in p["out_error"].items()}}
+            for p in request.probes
+        ]  # fmt: skip
+
+    def _summarize(self, request: Request, b: int = 0) -> dict[str, float]:
+        """Sequence ``b``'s means over decode steps (one read of the device accounting), plus memory."""
+        out = request.acct.means()[b]
+        if "context" in out and not getattr(self.method, "reports_exposure", False):
+            out["exposure"] = 1.0  # every query sees exactly its own selection
+        resident = request.acct.latest("resident_kv")[b] if "context" in out else float(request.prompt_tokens)
         out["kv_bytes"] = float(resident) * request.cache.bytes_per_token()
         if self.device.type == "cuda":
             out["peak_memory_bytes"] = float(torch.cuda.max_memory_allocated(self.device))

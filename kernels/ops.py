@@ -1,0 +1,97 @@
+"""The op table: the one seam between methods and hardware, chosen by ``engine.backend``.
+
+A method is written once, as tensor ops plus the ops below; ``engine.backend`` picks which
+implementation of each op runs:
+
+* ``torch``: the plain-PyTorch references (``<op>_ref``), on any device. They define the results
+  and may synchronise with the host, so decode steps built on them are never graph-captured.
+* ``triton``: the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``), or, for ops that need
+  no kernel, a static-shape PyTorch version; none synchronises with the host, so a whole decode
+  step can be captured in a CUDA graph. A Triton op never falls back to its reference: where it
+  cannot run it raises :class:`~retrobench.kernels._triton.TritonUnavailable`.
+
+Every op's signature and semantics are in ``kernels/README.md``; tests compare each pair on fresh
+random inputs. This module imports nothing from the methods or the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from retrobench.kernels import kv_write, merge, page_meta, paged_attention, quest, scores, topk
+from retrobench.kernels._triton import TritonUnavailable, require_triton
+
+BACKENDS = ("torch", "triton")
+
+
+@dataclass(frozen=True)
+class Ops:
+    """One implementation of every op a method may call.
+
+    ``capturable``: decode steps built from these ops contain no host synchronisation (CUDA graphs).
+    ``kernels``: the ops that run as Triton kernels (or, for the references, may synchronise): the
+    engine's capture check treats them as opaque.
+    ``impl()``: per op, the function that runs (tests assert which implementation was taken).
+    """
+
+    name: str
+    capturable: bool
+    kernels: frozenset
+    sparse_attention: Callable
+    page_scores: Callable
+    topk_forced: Callable
+    update_page_minmax: Callable
+    write_kv: Callable
+    merge_states: Callable
+    paged_logits: Callable
+
+    def impl(self) -> dict[str, Callable]:
+        return {k: v for k, v in vars(self).items() if callable(v)}
+
+
+TORCH_OPS = Ops(
+    name="torch",
+    capturable=False,
+    kernels=frozenset({"sparse_attention", "page_scores", "topk_forced", "update_page_minmax", "write_kv",
+                       "merge_states", "paged_logits"}),  # fmt: skip
+    sparse_attention=paged_attention.sparse_paged_attention_ref,
+    page_scores=quest.quest_page_scores_ref,
+    topk_forced=topk.topk_forced_ref,
+    update_page_minmax=page_meta.update_page_minmax_ref,
+    write_kv=kv_write.write_kv_ref,
+    merge_states=merge.merge_states_ref,
+    paged_logits=scores.paged_logits_ref,
+)
+
+TRITON_OPS = Ops(
+    name="triton",
+    capturable=True,
+    kernels=frozenset({"sparse_attention", "page_scores", "update_page_minmax", "merge_states", "paged_logits"}),
+    sparse_attention=paged_attention.sparse_paged_attention,
+    page_scores=quest.quest_page_scores,
+    topk_forced=topk.topk_forced,
+    update_page_minmax=page_meta.update_page_minmax,
+    write_kv=kv_write.write_kv,
+    merge_states=merge.merge_states,
+    paged_logits=scores.paged_logits,
+)
+
+
+def get_ops(backend: str, device: torch.device | str = "cpu") -> Ops:
+    """The op table of ``backend`` (``torch`` | ``triton``) for tensors on ``device``.
+
+    Raises ValueError for an unknown backend and TritonUnavailable when ``triton`` cannot run on
+    ``device`` (no triton, or a CPU device without ``TRITON_INTERPRET=1``).
+    """
+    if backend == "torch":
+        return TORCH_OPS
+    if backend == "triton":
+        require_triton(torch.empty(0, device=device), f"engine.backend=triton on {torch.device(device)}")
+        return TRITON_OPS
+    raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
+
+
+__all__ = ["BACKENDS", "Ops", "TORCH_OPS", "TRITON_OPS", "TritonUnavailable", "get_ops"]

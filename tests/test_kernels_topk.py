@@ -1,0 +1,66 @@
+"""topk_forced (the static-shape op of the triton backend) equals its reference, a stable sort,
+list for list — ties included, since both order equal scores by ascending index.
+
+Random scores with many exact ties (few distinct values, -0.0 beside +0.0, -inf entries), with
+and without a forced entry, k from 1 to past the valid entries, k_max wider than the row.
+Fresh seed per test, printed on failure.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retrobench.kernels._testing import fresh_seed
+from retrobench.kernels.topk import topk_forced, topk_forced_ref
+
+
+def tied_scores(B: int, H_sel: int, N: int, valid: list[int]) -> torch.Tensor:
+    """Scores drawn from a handful of values (ties everywhere), both zeros, -inf past ``valid[b]``."""
+    levels = torch.tensor([-2.5, -0.0, 0.0, 0.75, 3.0, float("-inf")])
+    scores = levels[torch.randint(0, len(levels), (B, H_sel, N))]
+    for b, n in enumerate(valid):
+        scores[b, :, n:] = float("-inf")
+    return scores
+
+
+@pytest.mark.parametrize("forced", [True, False], ids=["forced", "free"])
+@pytest.mark.parametrize(
+    ("valid", "k", "k_max"),
+    [((9, 4), (3, 3), 5), ((9, 4), (1, 1), 4), ((6, 2), (6, 5), 6), ((12, 12), (12, 4), 12), ((5, 3), (2, 4), 9)],
+    ids=["ordinary", "k1", "k-past-valid", "k-eq-n", "wide-kmax"],
+)
+@pytest.mark.parametrize("h_sel", [1, 3])
+def test_matches_reference_with_ties(valid, k, k_max, h_sel, forced) -> None:
+    seed = fresh_seed()
+    B, N = len(valid), max(valid)
+    scores = tied_scores(B, h_sel, N, list(valid))
+    f = torch.tensor([n - 1 - (b % 2) for b, n in enumerate(valid)]) if forced else None
+    k_t = torch.tensor(k)
+    got = topk_forced(scores, k_t, k_max, f)
+    want = topk_forced_ref(scores, k_t, k_max, f)
+    assert got.shape == (B, h_sel, k_max) and got.dtype == torch.int32
+    assert torch.equal(got, want), f"seed {seed}: {got.tolist()} vs {want.tolist()}"
+    if forced:
+        assert torch.all(got[:, :, 0] == f.view(B, 1)), f"seed {seed}"
+
+
+def test_reference_semantics() -> None:
+    """Forced first, then descending score, ties by ascending index, -inf never, -1 after."""
+    inf = float("-inf")
+    scores = torch.tensor([[[5.0, inf, 1.0, inf, 2.0, 2.0]]])
+    assert topk_forced_ref(scores, torch.tensor([4]), 5, torch.tensor([1])).tolist() == [[[1, 0, 4, 5, -1]]]
+    assert topk_forced_ref(scores, torch.tensor([9]), 6, None).tolist() == [[[0, 4, 5, 2, -1, -1]]]
+    assert topk_forced(scores, torch.tensor([9]), 6, None).tolist() == [[[0, 4, 5, 2, -1, -1]]]
+
+
+@pytest.mark.gpu
+def test_matches_reference_gpu() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    seed = fresh_seed()
+    scores = tied_scores(2, 8, 256, [256, 190]).cuda()
+    forced = torch.tensor([255, 189], device="cuda")
+    k = torch.tensor([128, 100], device="cuda")
+    got = topk_forced(scores, k, 128, forced)
+    assert torch.equal(got, topk_forced_ref(scores, k, 128, forced)), f"seed {seed}"
