@@ -54,7 +54,8 @@ gpu-install: ## GPU machine: install .whl/*.whl into .gpu-site and retrobench (e
 
 gpu-test: ## GPU machine (after gpu-install): pytest -m gpu, log in results/bench/gpu-tests.log
 	mkdir -p results/bench
-	set -o pipefail; $(GPU_ENV) python3 -m pytest -m gpu -q -p no:cacheprovider $(ARGS) 2>&1 | tee results/bench/gpu-tests.log
+	{ echo "# pytest -m gpu: commit $${RETROBENCH_GIT_SHA:-$$(git rev-parse HEAD)}, $$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader), $$(python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'), $$(date -u +%FT%TZ)"; } > results/bench/gpu-tests.log
+	set -o pipefail; $(GPU_ENV) python3 -m pytest -m gpu -q -p no:cacheprovider $(ARGS) 2>&1 | tee -a results/bench/gpu-tests.log
 
 gpu-bench: ## GPU machine (after gpu-install): python -m retrobench.bench_decode -> results/bench/decode.{csv,md}
 	$(GPU_ENV) python3 -m retrobench.bench_decode $(ARGS)

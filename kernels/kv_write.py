@@ -29,15 +29,20 @@ def write_kv(
     positions: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    slots: torch.Tensor | None = None,
 ) -> None:
-    """Store ``k, v [B, H_kv, S, D]`` at ``positions [B, S]`` (>= 0) of ``k_cache, v_cache [N, P, H_kv, D]``."""
+    """Store ``k, v [B, H_kv, S, D]`` at ``positions [B, S]`` (>= 0) of ``k_cache, v_cache [N, P, H_kv, D]``.
+
+    ``slots [B, S]`` long, optional: the flat physical slots ``page_table[b, t // P] * P + t % P`` of
+    the positions, when the caller computed them once for every layer of a forward.
+    """
     _check(k_cache, v_cache, page_table, positions, k, v)
-    P = k_cache.shape[1]
-    pos = positions.long()
-    phys = torch.gather(page_table.long(), 1, pos // P)  # [B, S]
-    slot = pos % P
-    k_cache[phys, slot] = k.transpose(1, 2).to(k_cache.dtype)
-    v_cache[phys, slot] = v.transpose(1, 2).to(v_cache.dtype)
+    N, P, H_kv, D = k_cache.shape
+    if slots is None:
+        pos = positions.long()
+        slots = torch.gather(page_table.long(), 1, pos // P) * P + pos % P  # [B, S]
+    k_cache.view(N * P, H_kv, D)[slots] = k.transpose(1, 2).to(k_cache.dtype)
+    v_cache.view(N * P, H_kv, D)[slots] = v.transpose(1, 2).to(v_cache.dtype)
 
 
 def write_kv_ref(
@@ -47,8 +52,9 @@ def write_kv_ref(
     positions: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    slots: torch.Tensor | None = None,
 ) -> None:
-    """Reference: sequence by sequence, each token to (page_table[t // P], t % P)."""
+    """Reference: sequence by sequence, each token to (page_table[t // P], t % P) (``slots`` unused)."""
     _check(k_cache, v_cache, page_table, positions, k, v)
     P = k_cache.shape[1]
     for b in range(positions.shape[0]):

@@ -119,12 +119,14 @@ def as_budget(value: Any) -> Budget:
 class Accounting:
     """Per-request, per-sequence attention accounting, accumulated on the device, read once.
 
-    Every metric is a mean over decode steps of a per-step value (DESIGN.md "Metrics"): per sparse
-    layer, a method records values with :meth:`layer` (a per-layer metric's step value is the mean
-    over the layers that recorded it); per step, :meth:`step` adds one value. ``attended_kv_max``
-    is the largest per-layer ``attended_kv`` of the step. Counts are kept beside the sums, so a
-    metric recorded only for some sequences or steps (``exposure`` once a token leaves the window)
-    averages over those alone. All updates are device ops with static shapes (graph-capturable).
+    Every metric is a mean over decode steps of a per-step value (DESIGN.md "Metrics"). A per-layer
+    metric's step value is the mean over the layers that recorded it, and ``attended_kv_max`` is the
+    step's largest per-layer ``attended_kv``. Methods record per-layer values in one batch per step
+    (:meth:`add_layers`, ``[L', B]`` each: usually from what they :meth:`keep` per layer, one copy
+    per layer, computed once at the end of the step) and per-step values with :meth:`step`. Counts
+    are kept beside the sums, so a metric recorded only for some sequences or steps (``exposure``
+    once a token leaves the window) averages over those alone. Every update is a static-shape device
+    op (graph-capturable).
     """
 
     METRICS = (
@@ -134,47 +136,54 @@ class Accounting:
 
     def __init__(self, num_layers: int, batch: int, device: torch.device) -> None:
         M = len(self.METRICS)
+        self.num_layers = num_layers
         self.index = {name: i for i, name in enumerate(self.METRICS)}
         self.sums = torch.zeros(batch, M, dtype=torch.float64, device=device)
         self.counts = torch.zeros(batch, M, dtype=torch.float64, device=device)
-        self.layer_sums = torch.zeros(num_layers, batch, M, device=device)  # fp32: per-layer values
-        self.layer_counts = torch.zeros(num_layers, batch, M, device=device)
         self.last = torch.zeros(batch, M, device=device)  # the latest per-step values (e.g. resident_kv)
         self._zero = torch.zeros(batch, device=device)
         self._one = torch.ones(batch, device=device)
+        self.kept: dict[str, torch.Tensor] = {}  # per-layer scratch: name -> [L, ...]
 
-    def _row(self, values: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def keep(self, layer: int, name: str, value: torch.Tensor) -> None:
+        """Store ``value`` as ``layer``'s entry of the scratch ``name`` (for :meth:`add_layers` at the step's end).
+
+        The scratch is allocated at the first call, which runs eagerly (graph warm-up) before any capture.
+        """
+        if name not in self.kept:
+            self.kept[name] = torch.zeros(self.num_layers, *value.shape, dtype=value.dtype, device=value.device)
+        self.kept[name][layer].copy_(value)
+
+    def _row(self, values: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         unknown = set(values) - set(self.index)
         if unknown:
             raise KeyError(f"unknown accounting metric(s) {sorted(unknown)}; known: {', '.join(self.METRICS)}")
         vals = torch.stack([values[n].float() if n in values else self._zero for n in self.METRICS], dim=-1)
-        cnts = torch.stack([self._one if n in values else self._zero for n in self.METRICS], dim=-1)
+        cnts = torch.stack([masks.get(n, self._one).float() if n in values else self._zero for n in self.METRICS], dim=-1)
         return vals, cnts
 
-    def layer(self, layer: int, values: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None) -> None:
-        """Record ``values`` (name -> ``[B]``) of one sparse layer; ``valid[name]`` ``[B]`` masks sequences."""
-        vals, cnts = self._row(values)
-        if valid:
-            mask = torch.stack([valid[n].float() if n in valid else self._one for n in self.METRICS], dim=-1)
-            cnts = cnts * mask
-            vals = vals * mask
-        self.layer_sums[layer] += vals  # a metric is recorded at most once per layer and step
-        self.layer_counts[layer] += cnts
+    def add_layers(self, values: dict[str, torch.Tensor], valid: dict[str, torch.Tensor] | None = None) -> None:
+        """Record per-layer values ``[L', B]`` of this step; ``valid[name]`` ``[L', B]`` masks entries.
+
+        ``attended_kv`` also gives the step's ``attended_kv_max`` (the largest layer value).
+        """
+        valid = valid or {}
+        sums = {n: (v * valid[n] if n in valid else v).float().sum(dim=0) for n, v in values.items()}
+        counts = {n: valid[n].float().sum(dim=0) if n in valid else torch.full_like(sums[n], v.shape[0])
+                  for n, v in values.items()}  # fmt: skip
+        if "attended_kv" in values:
+            sums["attended_kv_max"] = values["attended_kv"].float().amax(dim=0)
+            counts["attended_kv_max"] = self._one
+        vals, cnts = self._row(sums, counts)
+        self.sums += vals.double()
+        self.counts += cnts.double()
 
     def step(self, values: dict[str, torch.Tensor]) -> None:
-        """Fold this step's layer records in and add one value per sequence for each of ``values``."""
-        att, mx = self.index["attended_kv"], self.index["attended_kv_max"]
-        recorded = self.layer_counts[:, :, att] > 0  # [L, B]
-        per_layer = torch.where(recorded, self.layer_sums[:, :, att], torch.zeros_like(self.layer_sums[:, :, att]))
-        any_layer = recorded.any(dim=0).float()
-        self.layer_sums[0, :, mx] += per_layer.amax(dim=0) * any_layer  # the step's largest layer value
-        self.layer_counts[0, :, mx] += any_layer
-        vals, cnts = self._row(values)
+        """Add one value per sequence (``[B]`` each) for each of ``values``: the per-step metrics."""
+        vals, cnts = self._row(values, {})
         self.last.copy_(vals)
-        self.sums += self.layer_sums.sum(dim=0, dtype=torch.float64) + vals.double()
-        self.counts += self.layer_counts.sum(dim=0, dtype=torch.float64) + cnts.double()
-        self.layer_sums.zero_()
-        self.layer_counts.zero_()
+        self.sums += vals.double()
+        self.counts += cnts.double()
 
     def means(self) -> list[dict[str, float]]:
         """Per sequence, the mean of every metric recorded at least once (one host read)."""
@@ -189,8 +198,8 @@ class Accounting:
         return self.last[:, self.index[name]].tolist()
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.sums, self.counts, self.layer_sums, self.layer_counts, self.last]
-
+        """Everything a step mutates (snapshotted around a CUDA-graph warm-up)."""
+        return [self.sums, self.counts, self.last, *self.kept.values()]
 
 @dataclass(eq=False)
 class Forward:

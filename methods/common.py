@@ -92,13 +92,30 @@ def attend_selection(
     )
 
 
-def record_selection(layer: int, fwd: Forward, sel: Selection) -> torch.Tensor:
-    """Account the current query's selection in ``layer``: attended keys and pages (means over
-    selection heads). Returns the per-selection-head attended keys ``[B, H_sel]``."""
-    attended = sel.visible(fwd.pos[:, -1:])[..., 0]  # [B, H_sel]
-    pages = sel.valid().sum(dim=-1).float() * (sel.unit / fwd.cache.page_size)
-    fwd.acct.layer(layer, {"attended_kv": attended.mean(dim=1), "pages_selected": pages.mean(dim=1)})
-    return attended
+def visible_keys(
+    units: torch.Tensor,
+    unit: int,
+    q_pos: torch.Tensor,
+    steps: torch.Tensor | None = None,
+    q_step: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[..., B, H_sel, S]`` fp32: keys of unit lists ``[..., B, H_sel, K]`` at or before each query
+    position ``q_pos [B, S]`` (-1 entries count nothing); with ``steps`` (per entry, e.g. the last
+    step it was loaded) and ``q_step [B, S]``, only entries with ``steps < q_step`` count."""
+    start = units.long().clamp(min=0) * unit
+    n = (q_pos.view(*q_pos.shape[:1], 1, 1, -1) + 1 - start.unsqueeze(-1)).clamp(0, unit)  # [..., B, H_sel, K, S]
+    keep = (units >= 0).unsqueeze(-1)
+    if steps is not None:
+        keep = keep & (steps.unsqueeze(-1) < q_step.view(*q_step.shape[:1], 1, 1, -1))
+    return (n * keep).sum(dim=-2).float()
+
+
+def selection_accounting(fwd: Forward, units: torch.Tensor, unit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the kept unit lists of the sparse layers ``[L', B, H_sel, K]``: the current query's attended
+    keys per selection head ``[L', B, H_sel]`` and the pages selected ``[L', B, H_sel]``."""
+    attended = visible_keys(units, unit, fwd.pos[:, -1:])[..., 0]
+    pages = (units >= 0).sum(dim=-1).float() * (unit / fwd.cache.page_size)
+    return attended, pages
 
 
 @dataclass
@@ -151,8 +168,13 @@ class SelectionMethod(Method):
         sel = self.select(layer, q[:, :, -1], fwd, fwd.state)
         out, lse = attend_selection(layer, q, fwd, sel)
         self.observe(layer, q[:, :, -1], sel, lse[:, :, -1], fwd, fwd.state)
-        record_selection(layer, fwd, sel)
+        fwd.acct.keep(layer, "units", sel.units)  # accounted once per step, for every layer at once
         return out, lse
+
+    def end_step(self, fwd: Forward) -> dict[str, torch.Tensor]:
+        attended, pages = selection_accounting(fwd, fwd.acct.kept["units"][self.dense_layers :], self.unit(fwd.spec))
+        fwd.acct.add_layers({"attended_kv": attended.mean(dim=-1), "pages_selected": pages.mean(dim=-1)})
+        return super().end_step(fwd)
 
 
 def require_no_dense_layers(dense_layers: Any, why: str) -> None:

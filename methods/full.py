@@ -22,7 +22,11 @@ class FullMethod(Method):
     name: ClassVar[str] = "full"
 
     def decode(self, layer: int, q: torch.Tensor, fwd: Forward) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = attend_dense(layer, q, fwd)
-        if not self.is_dense_layer(layer):
-            fwd.acct.layer(layer, {"attended_kv": (fwd.pos[:, -1] + 1).float()})
-        return out, lse
+        return attend_dense(layer, q, fwd)
+
+    def end_step(self, fwd: Forward) -> dict[str, torch.Tensor]:
+        """Every sparse (here: non-``dense_layers``) layer attends the whole context."""
+        sparse = fwd.spec.num_layers - self.dense_layers
+        if sparse > 0:
+            fwd.acct.add_layers({"attended_kv": (fwd.pos[:, -1] + 1).float().expand(sparse, -1)})
+        return super().end_step(fwd)

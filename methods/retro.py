@@ -43,7 +43,7 @@ from typing import Any, ClassVar
 import torch
 
 from retrobench.methods.base import ConfigError, Forward, Method, ModelSpec, attend_dense
-from retrobench.methods.common import Selection, SelectionMethod, attend_selection, record_selection
+from retrobench.methods.common import SelectionMethod, attend_selection, selection_accounting, visible_keys
 
 PAST_QUERIES = ("recomputed", "cached")
 
@@ -72,6 +72,9 @@ class RetroState:
     own: torch.Tensor  # [L, B, w-1, H_sel] keys in each past token's own selection
     exposed: torch.Tensor  # [L, B, w-1, H_sel] own + supplement keys
     query: torch.Tensor | None  # [L, B, w-1, H, D] the query a past token had when current (cached)
+    cur_out: torch.Tensor  # [L, B, H, D] this step's current-token output, cached at the step's end
+    cur_lse: torch.Tensor  # [L, B, H]
+    cur_query: torch.Tensor | None  # [L, B, H, D] (cached)
     unit: int
     cache_bytes: float  # bytes of the output cache per sequence
 
@@ -147,6 +150,9 @@ class RetroMethod(Method):
             own=torch.zeros(L, batch, slots, h_sel, **f32),
             exposed=torch.zeros(L, batch, slots, h_sel, **f32),
             query=torch.zeros(L, batch, slots, H, D, device=device) if cached else None,
+            cur_out=torch.zeros(L, batch, H, D, **f32),
+            cur_lse=torch.full((L, batch, H), float("-inf"), **f32),
+            cur_query=torch.zeros(L, batch, H, D, device=device) if cached else None,
             unit=unit,
             cache_bytes=float((L - self.dense_layers) * slots * (H * D * 4 + H * 4 + q_bytes)),
         )
@@ -172,77 +178,83 @@ class RetroMethod(Method):
 
     # ---- decode -------------------------------------------------------------------------------------
     def decode(self, layer: int, q: torch.Tensor, fwd: Forward) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per layer only what the layer's output needs: the selection, one attention call for the
+        current and past rows, the past rows' merge into the output cache, and ``A``. The counts
+        (exposure, supplements) are taken once per step, for every layer, in :meth:`end_step`."""
         if self.is_dense_layer(layer):  # past tokens are recomputed with full attention
             return attend_dense(layer, q, fwd)
         state: RetroState = fwd.state
-        S = q.shape[2]
+        S, slots = q.shape[2], self.window - 1
         q_cur = q[:, :, -1]
         sel = self.selector.select(layer, q_cur, fwd, state.base)
         A = state.last_loaded[layer]
+        units = sel.units.long()
+        fwd.acct.keep(layer, "units", sel.units)
         if S == 1:
             out, lse = attend_selection(layer, q, fwd, sel)
         else:
+            fwd.acct.keep(layer, "seen", torch.gather(A, 2, units.clamp(min=0)))  # before this step sets A
             rows = q
             if self.past_query == "cached":  # the queries the past tokens had when they were current
-                past = state.query[layer][:, -(S - 1) :].transpose(1, 2).to(q.dtype)
-                rows = torch.cat([past, q[:, :, -1:]], dim=2)
+                past_q = state.query[layer][:, -(S - 1) :].transpose(1, 2).to(q.dtype)
+                rows = torch.cat([past_q, q[:, :, -1:]], dim=2)
             out, lse = attend_selection(layer, rows, fwd, sel, page_step=A, q_step=fwd.q_step)
         self.selector.observe(layer, q_cur, sel, lse[:, :, -1], fwd, state.base)
-        own = record_selection(layer, fwd, sel)  # [B, H_sel]
-        return self._update(layer, q_cur, sel, A, out, lse, own, fwd)
-
-    def _update(
-        self, layer: int, q_cur: torch.Tensor, sel: Selection, A: torch.Tensor, out: torch.Tensor,
-        lse: torch.Tensor, own: torch.Tensor, fwd: Forward,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Merge the past rows into the output cache, retire the oldest token, push the current one, set A."""
-        state: RetroState = fwd.state
-        S, slots = out.shape[2], self.window - 1
-        values = {"supplement_kv": torch.zeros_like(own[:, 0])}
-        if slots == 0:  # w = 1: the current token leaves at once, exposed to its own selection only
-            values["exposure"] = torch.ones_like(own[:, 0])
-        else:
-            oc, lc, ow, ex = state.out[layer], state.lse[layer], state.own[layer], state.exposed[layer]
-            if S > 1:
+        if slots:
+            oc, lc = state.out[layer], state.lse[layer]
+            if S > 1:  # merge each past row's supplement into its cached state; it leaves the layer merged
                 past = slice(slots - (S - 1), slots)
                 m_out, m_lse = fwd.ops.merge_states(
                     oc[:, past], lc[:, past], out[:, :, :-1].transpose(1, 2).float(), lse[:, :, :-1].transpose(1, 2)
                 )  # fmt: skip
                 oc[:, past] = m_out
                 lc[:, past] = m_lse
-                new = self._supplement(sel, A, fwd, S)  # [B, H_sel, S-1]
-                ex[:, past] += new.transpose(1, 2)
-                values["supplement_kv"] = new.mean(dim=(1, 2))
                 out = torch.cat([m_out.transpose(1, 2).to(out.dtype), out[:, :, -1:]], dim=2)
                 lse = torch.cat([m_lse.transpose(1, 2), lse[:, :, -1:]], dim=2)
-            values["exposure"] = (ex[:, 0] / ow[:, 0].clamp(min=1)).mean(dim=-1)  # the leaving token
-            for t, new_row in ((oc, out[:, :, -1].float()), (lc, lse[:, :, -1]), (ow, own), (ex, own)):
-                if slots > 1:
-                    t[:, :-1] = t[:, 1:].clone()
-                t[:, -1] = new_row
+            state.cur_out[layer] = out[:, :, -1]  # enters the output cache at the end of the step
+            state.cur_lse[layer] = lse[:, :, -1]
             if state.query is not None:
-                qc = state.query[layer]
-                if slots > 1:
-                    qc[:, :-1] = qc[:, 1:].clone()
-                qc[:, -1] = q_cur
-        fwd.acct.layer(layer, values, valid={"exposure": fwd.plan["leaving"]})
-        units = sel.units.long()
-        index = torch.where(units < 0, torch.full_like(units, A.shape[-1] - 1), units)
+                state.cur_query[layer] = q_cur
+        index = torch.where(units < 0, A.shape[-1] - 1, units)
         A.scatter_(2, index, fwd.step.view(-1, 1, 1).expand_as(index).to(A.dtype))
         return out, lse
 
-    @staticmethod
-    def _supplement(sel: Selection, A: torch.Tensor, fwd: Forward, S: int) -> torch.Tensor:
-        """``[B, H_sel, S-1]`` keys of ``sel`` new to each past row (``A < its step``, at or before it)."""
-        units = sel.units.long()
-        valid = units >= 0
-        seen = torch.gather(A, 2, units.clamp(min=0)).long()  # [B, H_sel, K]
-        new = valid.unsqueeze(-1) & (seen.unsqueeze(-1) < fwd.q_step[:, : S - 1].view(-1, 1, 1, S - 1))
-        start = units.clamp(min=0).unsqueeze(-1) * sel.unit
-        visible = (fwd.pos[:, : S - 1].view(-1, 1, 1, S - 1) + 1 - start).clamp(0, sel.unit)
-        return (visible * new).sum(dim=2).float()
-
     def end_step(self, fwd: Forward) -> dict[str, torch.Tensor]:
-        values = self.selector.end_step(self._base_fwd(fwd))
-        values["output_cache_bytes"] = torch.full_like(values["resident_kv"], fwd.state.cache_bytes)
+        """Accounting and output-cache upkeep of every sparse layer at once: attended keys, the past rows'
+        supplement counts, the leaving token's exposure, then the cache shifts by one step."""
+        state: RetroState = fwd.state
+        first, slots, S = self.dense_layers, self.window - 1, fwd.pos.shape[1]
+        units = fwd.acct.kept["units"][first:]  # [L', B, H_sel, K]
+        own, pages = selection_accounting(fwd, units, state.unit)  # [L', B, H_sel]
+        values = {"attended_kv": own.mean(dim=-1), "pages_selected": pages.mean(dim=-1)}
+        if slots == 0:  # w = 1: the current token leaves at once, exposed to its own selection only
+            values["exposure"] = torch.ones_like(values["attended_kv"])
+            values["supplement_kv"] = torch.zeros_like(values["attended_kv"])
+            fwd.acct.add_layers(values)
+        else:
+            ow, ex = state.own[first:], state.exposed[first:]  # [L', B, slots, H_sel]
+            if S > 1:
+                new = visible_keys(units, state.unit, fwd.pos[:, :-1], steps=fwd.acct.kept["seen"][first:],
+                                   q_step=fwd.q_step[:, :-1])  # [L', B, H_sel, S-1]  # fmt: skip
+                ex[:, :, slots - (S - 1) :] += new.transpose(2, 3)
+                values["supplement_kv"] = new.mean(dim=(2, 3))
+            else:
+                values["supplement_kv"] = torch.zeros_like(values["attended_kv"])
+            values["exposure"] = (ex[:, :, 0] / ow[:, :, 0].clamp(min=1)).mean(dim=-1)  # the leaving token
+            leaving = fwd.plan["leaving"].to(torch.bool).expand(units.shape[0], -1)
+            fwd.acct.add_layers(values, valid={"exposure": leaving})
+            pairs = [(ow, own), (ex, own), (state.out[first:], state.cur_out[first:].float()),
+                     (state.lse[first:], state.cur_lse[first:])]  # fmt: skip
+            if state.query is not None:
+                pairs.append((state.query[first:], state.cur_query[first:]))
+            for cache, newest in pairs:  # slot j holds the token generated w-1-j steps before the next one
+                if slots > 1:
+                    cache[:, :, :-1] = cache[:, :, 1:].clone()
+                cache[:, :, -1] = newest
+        values = self.selector_end_step(fwd)
+        values["output_cache_bytes"] = torch.full_like(values["resident_kv"], state.cache_bytes)
         return values
+
+    def selector_end_step(self, fwd: Forward) -> dict[str, torch.Tensor]:
+        """The base's per-step values (resident KV), without its own selection accounting."""
+        return Method.end_step(self.selector, self._base_fwd(fwd))

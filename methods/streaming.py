@@ -143,9 +143,9 @@ class StreamingMethod(Method):
             q, c.k[layer], c.v[layer], c.page_table, pages.expand(-1, H_kv, -1), fwd.pos, fwd.scaling,
             key_mask=live.unsqueeze(1).expand(-1, H_kv, -1), num_units=count,
         )  # fmt: skip
-        attended = fwd.derived("streaming_live", lambda: live.sum(dim=1).float())
-        fwd.acct.layer(layer, {"attended_kv": attended})
         return out, lse
 
     def end_step(self, fwd: Forward) -> dict[str, torch.Tensor]:
-        return {"resident_kv": fwd.state.live.sum(dim=1).float(), "budget_kv": fwd.plan["budget"].float()}
+        live = fwd.state.live.sum(dim=1).float()  # every layer attends the same live set
+        fwd.acct.add_layers({"attended_kv": live.expand(fwd.spec.num_layers, -1)})
+        return {"resident_kv": live, "budget_kv": fwd.plan["budget"].float()}

@@ -127,7 +127,7 @@ class TOVAMethod(Method):
         live = fwd.state.live[layer]
         live.scatter_(1, fwd.pos, True)
         out, lse = attend_dense(layer, q, fwd, key_mask=live)
-        fwd.acct.layer(layer, {"attended_kv": live.sum(dim=1).float()})
+        fwd.acct.keep(layer, "attended", live.sum(dim=1).float())
         weights = self._weights(layer, q[:, :, -1], lse[:, :, -1], fwd)
         masked = weights.masked_fill(~self._candidates(layer, fwd), float("inf"))
         victim = masked.argmin(dim=1, keepdim=True)  # the first minimum: ties evict the lower position
@@ -136,5 +136,6 @@ class TOVAMethod(Method):
         return out, lse
 
     def end_step(self, fwd: Forward) -> dict[str, torch.Tensor]:
+        fwd.acct.add_layers({"attended_kv": fwd.acct.kept["attended"]})
         resident = fwd.state.live.sum(dim=2).float().mean(dim=0)
         return {"resident_kv": resident, "budget_kv": fwd.plan["budget"].float()}

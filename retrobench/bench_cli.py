@@ -20,7 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ("full", "quest", "oracle", "infllm", "streaming", "tova", "retro")
+CONF = Path(__file__).resolve().parent.parent / "conf"
+# every method of conf/method/ (no list to keep), full attention first as the baseline
+METHODS = tuple(sorted((p.stem for p in (CONF / "method").glob("*.yaml")), key=lambda m: (m != "full", m)))
 COLUMNS = ("method", "backend", "context", "new_tokens", "tpot_p50_ms", "tpot_p10_ms", "tpot_p90_ms", "ttft_s",
            "attended_kv", "resident_kv", "pages_selected", "exposure", "peak_memory_gb", "device", "git_sha", "run")  # fmt: skip
 

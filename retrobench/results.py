@@ -95,9 +95,10 @@ def environment(backend: str, device: str) -> dict[str, Any]:
     """Provenance of this process: code version, library versions, hardware, backend."""
     sha = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
+    declared = os.environ.get("RETROBENCH_GIT_SHA")  # a copied tree whose .git is not its commit's
     env: dict[str, Any] = {
-        "git_sha": sha,
-        "git_dirty": None if status is None else bool(status),
+        "git_sha": declared or sha,
+        "git_dirty": None if status is None or declared else bool(status),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": _version("torch"),
@@ -113,6 +114,9 @@ def environment(backend: str, device: str) -> dict[str, Any]:
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "argv": sys.argv,
     }
+    if declared:
+        env["git_sha_declared"] = True  # by RETROBENCH_GIT_SHA; the checkout's own HEAD below
+        env["git_head"] = sha
     if str(device).startswith("cuda"):
         import torch
 

@@ -68,6 +68,13 @@ def test_write_kv_matches_reference() -> None:
     write_kv(*caches, table, positions, k, v)
     write_kv_ref(*ref, table, positions, k, v)
     assert torch.equal(caches[0], ref[0]) and torch.equal(caches[1], ref[1]), f"seed {seed}"
+    slots = table.long().gather(1, positions // P) * P + positions % P  # precomputed flat slots: the same
+    again = [torch.randn_like(c) for c in caches]
+    k2, v2 = torch.randn_like(k), torch.randn_like(v)
+    ref2 = [c.clone() for c in again]
+    write_kv(*again, table, positions, k2, v2, slots=slots)
+    write_kv_ref(*ref2, table, positions, k2, v2)
+    assert torch.equal(again[0], ref2[0]) and torch.equal(again[1], ref2[1]), f"seed {seed}"
     for b in range(B):
         for s, t in enumerate(positions[b].tolist()):
             assert torch.equal(caches[0][table[b, t // P], t % P], k[b, :, s]), f"seed {seed}"

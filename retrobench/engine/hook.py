@@ -57,7 +57,8 @@ def retrobench_attention(
     layer = module.layer_idx
     method, fwd = rb.method, rb.fwd
     c, ops = fwd.cache, fwd.ops
-    ops.write_kv(c.k[layer], c.v[layer], c.page_table, fwd.pos, key, value)
+    slots = fwd.derived("kv_slots", lambda: torch.gather(c.token_table().long(), 1, fwd.pos))  # once per forward
+    ops.write_kv(c.k[layer], c.v[layer], c.page_table, fwd.pos, key, value, slots=slots)
     if method.needs_page_meta:
         ops.update_page_minmax(c.k[layer], c.kmin[layer], c.kmax[layer], c.page_table, fwd.pos, fwd.ends)
     if fwd.phase == "prefill":
@@ -66,7 +67,7 @@ def retrobench_attention(
         out, lse = method.decode(layer, query, fwd)
         if rb.probes is not None and not method.is_dense_layer(layer):
             recall, error = rb.probes[layer] = probe_dense(layer, query, out, lse, fwd)
-            fwd.acct.layer(layer, {"mass_recall": recall, "attn_out_rel_err": error})
+            fwd.acct.add_layers({"mass_recall": recall.unsqueeze(0), "attn_out_rel_err": error.unsqueeze(0)})
         if layer == fwd.spec.num_layers - 1:
             fwd.acct.step({**method.end_step(fwd), "context": fwd.ends.float()})
     return out.transpose(1, 2).contiguous(), None
