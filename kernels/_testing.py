@@ -1,4 +1,4 @@
-"""Test helpers for the kernels: poisoned allocations and a reporting ``assert_close``.
+"""Test helpers for the kernels: poisoned allocations, a reporting ``assert_close``, the kernel-device skip.
 
 ``poisoned_empty()`` patches ``torch.empty`` / ``torch.empty_like`` so every buffer a launcher
 allocates starts as NaN (floats) or a sentinel (ints): an output element the kernel forgets to
@@ -69,3 +69,15 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, atol: 
             f"{name}: {int((diff > tol).sum())}/{diff.numel()} outside atol={atol} rtol={rtol}; "
             f"max abs err {float(diff.max()):.3g}, first at {idx} (seed {seed})"
         )
+
+
+def needs_kernel_device(device: str) -> None:
+    """Skip (pytest) unless the Triton kernels can run on ``device``: a GPU, or CPU under the interpreter."""
+    import pytest
+
+    from retrobench.kernels._triton import triton_usable
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if not triton_usable(torch.empty(0, device=device)):
+        pytest.skip("Triton cannot run here (set TRITON_INTERPRET=1 before Python starts, or use a GPU)")

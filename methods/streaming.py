@@ -9,7 +9,7 @@ Budget (see methods/README.md): ``budget = sinks + window`` tokens of the curren
 positions seen so far, the current token included, re-evaluated every step for ``fraction``); the
 window includes the current token. Eviction runs at two points:
 
-* end of prefill (``info.last_chunk``, after the last layer's dense prompt attention): the prompt
+* end of prefill (``fwd.last_chunk``, after the last layer's dense prompt attention): the prompt
   is cut to ``budget(L)`` so resident KV shrinks before decoding starts;
 * every decode step, at layer 0 before attending: the cache (now holding the new token) is cut to
   ``budget(context)``, so every query of every layer, the first decode step included, attends to

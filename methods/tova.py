@@ -11,7 +11,7 @@ eviction, the current token included; the query of a step attends to at most ``b
 (the budgeted cache plus itself). With ``fraction`` the budget is ``ceil(b x context)`` where the
 context is the positions seen so far including the current token, re-evaluated every step.
 
-* End of prefill (``info.last_chunk``): each layer, after its dense prompt attention, is cut to
+* End of prefill (``fwd.last_chunk``): each layer, after its dense prompt attention, is cut to
   ``budget(L)`` with the last prompt token's weights (the whole prompt at once, as TOVA does).
 * Decode: attend over live keys, then evict the lowest-weight tokens until at most ``budget``
   are live. The newest token is never evicted (the original code does not enforce this).

@@ -237,6 +237,10 @@ def execute(cfg: DictConfig) -> Path | None:
         top_p=float(cfg.engine.top_p),
     )
     progress = _Progress(len(samples), len(samples) - len(todo), f"{method.name}/{task.name}")
+    if engine.device.type == "cuda":  # peak memory per run: a multirun reuses the process and its model
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(engine.device)
     try:
         for index, sample in todo:
             progress.begin()

@@ -55,6 +55,9 @@ CASES = {
     "retro-infllm-w3-cached": ("retro", {**F, "window": 3, "base": "infllm", "past_query": "cached",
                                          "base_options": {"block_size": 16}}),
 }  # fmt: skip
+for _name in sorted(p.stem for p in CONF.glob("*.yaml")):  # a new method is covered at its defaults
+    if not any(method == _name for method, _ in CASES.values()):
+        CASES[_name] = (_name, T if "budget" in OmegaConf.load(CONF / f"{_name}.yaml") else {})
 SMOLLM2_CASES = ("quest-kv_head", "retro-quest-w2")
 KERNEL_OPS = ("sparse_attention", "page_scores", "update_page_minmax", "merge_states", "paged_logits")
 REFS = {

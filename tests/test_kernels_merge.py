@@ -8,18 +8,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from retrobench.kernels._testing import assert_close, fresh_seed, poisoned_empty
-from retrobench.kernels._triton import triton_usable
+from retrobench.kernels._testing import assert_close, fresh_seed, needs_kernel_device, poisoned_empty
 from retrobench.kernels.merge import merge_states, merge_states_ref
 
 TOL = {torch.float32: (1e-6, 1e-5), torch.float16: (1e-3, 1e-3), torch.bfloat16: (1e-2, 1e-2)}
 
-
-def _needs_kernel_device(device: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    if not triton_usable(torch.empty(0, device=device)):
-        pytest.skip("Triton cannot run here (set TRITON_INTERPRET=1 before Python starts, or use a GPU)")
 
 
 def check(shape, dtype, device) -> None:
@@ -48,13 +41,13 @@ def check(shape, dtype, device) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape", [(2, 6, 3, 24), (1, 5, 1, 40), (37, 64)], ids=["bhsd-d24", "bhsd-d40", "rows37-d64"])
 def test_matches_reference(shape, dtype) -> None:
-    _needs_kernel_device("cpu")
+    needs_kernel_device("cpu")
     check(shape, dtype, "cpu")
 
 
 def test_merge_of_disjoint_page_sets_is_attention_over_the_union() -> None:
     """Split a selection between two calls of the attention kernel; the merge equals one call."""
-    _needs_kernel_device("cpu")
+    needs_kernel_device("cpu")
     from retrobench.kernels.paged_attention import sparse_paged_attention
 
     seed = fresh_seed()
@@ -76,5 +69,5 @@ def test_merge_of_disjoint_page_sets_is_attention_over_the_union() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_matches_reference_gpu(dtype) -> None:
-    _needs_kernel_device("cuda")
+    needs_kernel_device("cuda")
     check((8, 32, 3, 128), dtype, "cuda")

@@ -15,16 +15,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from retrobench.kernels._testing import fresh_seed
-from retrobench.kernels._triton import triton_usable
+from retrobench.kernels._testing import fresh_seed, needs_kernel_device
 from retrobench.kernels.page_meta import update_page_minmax, update_page_minmax_ref
 
-
-def _needs_kernel_device(device: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    if not triton_usable(torch.empty(0, device=device)):
-        pytest.skip("Triton cannot run here (set TRITON_INTERPRET=1 before Python starts, or use a GPU)")
 
 
 CASES = {
@@ -53,7 +46,7 @@ def make_inputs(H_kv, D, P, lengths, positions, dtype, device="cpu"):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(name, dtype, pos_dtype) -> None:
-    _needs_kernel_device("cpu")
+    needs_kernel_device("cpu")
     check(CASES[name], dtype, pos_dtype, "cpu")
 
 
@@ -76,7 +69,7 @@ def check(case, dtype, pos_dtype, device) -> None:
 def test_incremental_refresh_equals_a_recomputation() -> None:
     """Appends, then a RetroAttention-style overwrite, each followed by the kernel's refresh of the
     touched pages, leave the metadata a one-shot recomputation from the final keys gives."""
-    _needs_kernel_device("cpu")
+    needs_kernel_device("cpu")
     from retrobench.engine.cache import PagedKVCache
     from retrobench.kernels.kv_write import write_kv
 
@@ -106,6 +99,6 @@ def test_incremental_refresh_equals_a_recomputation() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_matches_reference_gpu(dtype) -> None:
-    _needs_kernel_device("cuda")
+    needs_kernel_device("cuda")
     positions = (tuple(range(4090, 4096)) + (-1, 17), tuple(range(3000, 3008)))
     check((8, 128, 16, (4096, 3008), positions), dtype, torch.int64, "cuda")

@@ -16,8 +16,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from retrobench.kernels._testing import assert_close, fresh_seed, poisoned_empty
-from retrobench.kernels._triton import triton_usable
+from retrobench.kernels._testing import assert_close, fresh_seed, needs_kernel_device, poisoned_empty
 from retrobench.kernels.paged_attention import sparse_paged_attention, sparse_paged_attention_ref
 
 INT32_MAX = 2**31 - 1
@@ -25,12 +24,6 @@ INT32_MAX = 2**31 - 1
 TOL_OUT = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (2e-2, 2e-2)}
 TOL_LSE = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-4, 2e-4), torch.bfloat16: (1e-3, 1e-3)}
 
-
-def _needs_kernel_device(device: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    if not triton_usable(torch.empty(0, device=device)):
-        pytest.skip("Triton cannot run here (set TRITON_INTERPRET=1 before Python starts, or use a GPU)")
 
 
 @dataclass
@@ -174,12 +167,12 @@ def check(case: Case, dtype: torch.dtype, num_splits, device: str = "cpu") -> No
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference(name: str, dtype: torch.dtype, num_splits: int) -> None:
-    _needs_kernel_device("cpu")
+    needs_kernel_device("cpu")
     check(CASES[name], dtype, num_splits)
 
 
 def test_default_splits_and_more_splits_than_tiles() -> None:
-    _needs_kernel_device("cpu")
+    needs_kernel_device("cpu")
     case = Case(H=6, H_kv=2, S=3, D=24, P=4, lengths=(41, 26), K=8)
     check(case, torch.float32, None)
     check(case, torch.float32, 7)  # most splits hold no tile: they must still write (0, -inf)
@@ -187,7 +180,7 @@ def test_default_splits_and_more_splits_than_tiles() -> None:
 
 def test_hidden_keys_do_not_leak() -> None:
     """Keys hidden by every mask at once change nothing: poison them with huge values and NaN in V."""
-    _needs_kernel_device("cpu")
+    needs_kernel_device("cpu")
     seed = fresh_seed()
     case = Case(H=4, H_kv=2, S=3, D=24, P=4, lengths=(30, 22), K=5, key_mask=True)
     args, kwargs = make_inputs(case, torch.float32)
@@ -242,14 +235,14 @@ GPU_CASES = {
     "name", list(GPU_CASES) + ["gqa3-d40-s3-boundary", "page-larger-than-tile", "empty-selection", "tokens-step-qhead"]
 )
 def test_matches_reference_gpu(name: str, dtype: torch.dtype, num_splits) -> None:
-    _needs_kernel_device("cuda")
+    needs_kernel_device("cuda")
     check(GPU_CASES.get(name) or CASES[name], dtype, num_splits, device="cuda")
 
 
 @pytest.mark.gpu
 def test_quest_decode_step_captures_in_cuda_graph() -> None:
     """Page scores, selection, attention and the metadata refresh replay from a CUDA graph (no host syncs)."""
-    _needs_kernel_device("cuda")
+    needs_kernel_device("cuda")
     from retrobench.kernels.page_meta import update_page_minmax
     from retrobench.kernels.quest import quest_page_scores
     from retrobench.kernels.topk import topk_forced

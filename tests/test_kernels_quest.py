@@ -15,18 +15,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from retrobench.kernels._testing import assert_close, fresh_seed, poisoned_empty
-from retrobench.kernels._triton import triton_usable
+from retrobench.kernels._testing import assert_close, fresh_seed, needs_kernel_device, poisoned_empty
 from retrobench.kernels.quest import quest_page_scores, quest_page_scores_ref
 
 TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (1e-3, 1e-4), torch.bfloat16: (1e-2, 1e-3)}
 
-
-def _needs_kernel_device(device: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    if not triton_usable(torch.empty(0, device=device)):
-        pytest.skip("Triton cannot run here (set TRITON_INTERPRET=1 before Python starts, or use a GPU)")
 
 
 def make_meta(B, H, H_kv, D, n_pages, n_max, dtype, device="cpu", empty_frac=0.0):
@@ -56,7 +49,7 @@ SCORE_CASES = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("name", list(SCORE_CASES))
 def test_page_scores_match_reference(name, dtype, group_reduce, empty_frac) -> None:
-    _needs_kernel_device("cpu")
+    needs_kernel_device("cpu")
     check_scores(SCORE_CASES[name], dtype, group_reduce, empty_frac, "cpu")
 
 
@@ -96,7 +89,7 @@ def test_reference_is_the_brute_force_bound() -> None:
 @pytest.mark.parametrize("selection", ["kv_head", "q_head", "layer"])
 def test_quest_method_on_triton_ops_equals_torch_ops(selection) -> None:
     """QuestMethod.select + attend_selection on the triton op table equal the same code on the torch one."""
-    _needs_kernel_device("cpu")
+    needs_kernel_device("cpu")
     from harness import forward_for
 
     from retrobench.kernels.ops import TORCH_OPS, TRITON_OPS
@@ -133,5 +126,5 @@ def test_quest_method_on_triton_ops_equals_torch_ops(selection) -> None:
 @pytest.mark.parametrize("group_reduce", ["kv_head", "q_head", "layer"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_page_scores_match_reference_gpu(dtype, group_reduce) -> None:
-    _needs_kernel_device("cuda")
+    needs_kernel_device("cuda")
     check_scores((2, 32, 8, 128, (256, 190), 257), dtype, group_reduce, 0.05, "cuda")

@@ -9,19 +9,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from retrobench.kernels._testing import assert_close, fresh_seed, poisoned_empty
-from retrobench.kernels._triton import triton_usable
+from retrobench.kernels._testing import assert_close, fresh_seed, needs_kernel_device, poisoned_empty
 from retrobench.kernels.kv_write import write_kv, write_kv_ref
 from retrobench.kernels.scores import paged_logits, paged_logits_ref
 
 TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (2e-3, 1e-3), torch.bfloat16: (2e-2, 1e-2)}
 
-
-def _needs_kernel_device(device: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    if not triton_usable(torch.empty(0, device=device)):
-        pytest.skip("Triton cannot run here (set TRITON_INTERPRET=1 before Python starts, or use a GPU)")
 
 
 def make(B, H, H_kv, D, P, T, n_tok, dtype, device="cpu"):
@@ -53,7 +46,7 @@ def check(shape, dtype, device) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_logits_match_reference(name, dtype) -> None:
-    _needs_kernel_device("cpu")
+    needs_kernel_device("cpu")
     check(CASES[name], dtype, "cpu")
 
 
@@ -83,5 +76,5 @@ def test_write_kv_matches_reference() -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_logits_match_reference_gpu(dtype) -> None:
-    _needs_kernel_device("cuda")
+    needs_kernel_device("cuda")
     check((2, 32, 8, 128, 16, 4096, 4096), dtype, "cuda")
