@@ -325,6 +325,8 @@ def sparse_paged_attention_ref(
     _check(q, k_cache, v_cache, page_table, pages, q_pos, key_mask, page_step, q_step, num_units)
     B, H, S, D = q.shape
     _, P, H_kv, _ = k_cache.shape
+    if num_units is not None:  # nothing past the longest count is read (the reference may sync)
+        pages = pages[..., : max(1, min(pages.shape[2], int(num_units.max())))]
     H_sel, K = pages.shape[1], pages.shape[2]
     G_sel = H // H_sel
     kv_of_sel = torch.arange(H_sel, device=q.device) * G_sel // (H // H_kv)  # [H_sel]
@@ -336,10 +338,14 @@ def sparse_paged_attention_ref(
     phys = torch.gather(page_table.long().unsqueeze(1).expand(B, H_sel, -1), 2, units)  # [B, H_sel, K]
     slots = torch.arange(P, device=q.device)
     positions = (units.unsqueeze(-1) * P + slots).reshape(B, H_sel, K * P)  # key position per entry
-    kv_idx = kv_of_sel.view(1, H_sel, 1, 1).expand(B, H_sel, K, P)
-    keys = k_cache[phys.unsqueeze(-1).expand(B, H_sel, K, P), slots.expand(B, H_sel, K, P), kv_idx]
-    values = v_cache[phys.unsqueeze(-1).expand(B, H_sel, K, P), slots.expand(B, H_sel, K, P), kv_idx]
-    keys, values = keys.reshape(B, H_sel, K * P, D), values.reshape(B, H_sel, K * P, D)
+    if H_sel == H_kv and pages.stride(1) == 0:  # one list shared by every KV head: gather whole pages once
+        keys = k_cache[phys[:, 0]].reshape(B, K * P, H_kv, D).transpose(1, 2)
+        values = v_cache[phys[:, 0]].reshape(B, K * P, H_kv, D).transpose(1, 2)
+    else:  # a list per selection head: gather each head's keys from its KV head
+        kv_idx = kv_of_sel.view(1, H_sel, 1, 1).expand(B, H_sel, K, P)
+        keys = k_cache[phys.unsqueeze(-1).expand(B, H_sel, K, P), slots.expand(B, H_sel, K, P), kv_idx]
+        values = v_cache[phys.unsqueeze(-1).expand(B, H_sel, K, P), slots.expand(B, H_sel, K, P), kv_idx]
+        keys, values = keys.reshape(B, H_sel, K * P, D), values.reshape(B, H_sel, K * P, D)
 
     mask = valid.repeat_interleave(P, dim=2).unsqueeze(2)  # [B, H_sel, 1, K*P]
     mask = mask & (positions.unsqueeze(2) <= q_pos.long().view(B, 1, S, 1))

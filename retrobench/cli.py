@@ -35,7 +35,8 @@ commands:
   --help, -h           show this message (`run --help` shows Hydra's help and the config)
 
 examples:
-  python -m retrobench run                                  # smollm2_135m, method=full, task=synthetic
+  python -m retrobench run                                  # smollm2_135m, method=retro, task=longgenbench
+  python -m retrobench run method=quest method.budget=2048  # a budget in tokens (0.15: a fraction)
   python -m retrobench run model=tiny_random task.num_samples=2
   python -m retrobench run experiment=smoke                 # seconds-long end-to-end check
   python -m retrobench run -m seed=0,1,2                    # multirun over seeds
@@ -132,8 +133,8 @@ def check_composition(overrides: list[str], root: Path | None = None) -> str | N
             node = compose("config", overrides=rest)
         node = OmegaConf.select(node, parent) if parent else node
         allowed = ", ".join(k for k in (node.keys() if hasattr(node, "keys") else []) if k != "_target_")
-        choice = (
-            next((o.split("=", 1)[1] for o in user if o.startswith(parent + "=")), None) if parent else None
+        choice = (  # the last choice of the group wins, as in Hydra
+            next((o.split("=", 1)[1] for o in reversed(user) if o.startswith(parent + "=")), None) if parent else None
         )
         where = f"{parent}={choice}" if choice else (parent or "the config")
         return f"{key} is not a key of {where}; allowed: {allowed} (add a new key with +{key}=...)"
@@ -141,6 +142,118 @@ def check_composition(overrides: list[str], root: Path | None = None) -> str | N
         text.replace(
             "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace.", ""
         ).split()
+    )
+
+
+_BUDGET = re.compile(r"^(?P<prefix>\+\+|\+)?method\.budget(?P<sub>\.tokens|\.fraction)?=(?P<value>.*)$")
+
+
+def _number_kind(text: str) -> str | None:
+    """``tokens`` for an integer, ``fraction`` for a decimal number, None otherwise."""
+    if re.fullmatch(r"\d+", text):
+        return "tokens"
+    if re.fullmatch(r"\d*\.\d+(e-?\d+)?|\d+e-\d+", text):
+        return "fraction"
+    return None
+
+
+def normalize_budget(overrides: list[str]) -> tuple[list[str], str | None]:
+    """One key sets a budget: ``method.budget=2048`` (tokens), ``method.budget=0.15`` (a fraction), and
+    ``method.budget.tokens=N`` / ``method.budget.fraction=b`` alone null the other key. Returns the
+    overrides in the long form (the same run, the same hash as spelling both keys) or an error."""
+    out, given = [], {"tokens": False, "fraction": False}
+    for item in overrides:
+        match = _BUDGET.match(item)
+        if not match:
+            out.append(item)
+            continue
+        sub, value = match.group("sub"), match.group("value").strip()
+        if sub:
+            given[sub[1:]] = True
+            out.append(item)
+            continue
+        values = [v.strip() for v in value.split(",")]
+        kinds = {_number_kind(v) for v in values}
+        if None in kinds or len(kinds) != 1:
+            return overrides, (
+                f"method.budget={value}: give token counts (method.budget=2048) or fractions of the context "
+                "(method.budget=0.15), not both in one sweep; or set method.budget.tokens / method.budget.fraction"
+            )
+        (kind,) = kinds
+        other = "fraction" if kind == "tokens" else "tokens"
+        out += [f"method.budget.{kind}={value}", f"method.budget.{other}=null"]
+        given[kind] = given[other] = True
+    for kind, other in (("tokens", "fraction"), ("fraction", "tokens")):
+        set_here = any(o.startswith(f"method.budget.{kind}=") and not o.endswith("=null") for o in out)
+        if set_here and not given[other]:
+            out.append(f"method.budget.{other}=null")
+    return out, None
+
+
+def check_results_dir(overrides: list[str], root: Path | None = None) -> str | None:
+    """``results_dir`` must be a folder this user can create and write, checked before Hydra creates
+    anything in it (its logs go to ``<results_dir>/hydra/``). Nothing is left behind."""
+    import os
+    import tempfile
+
+    value = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("results_dir=")), None)
+    if value is None:
+        from omegaconf import OmegaConf
+
+        value = str(OmegaConf.load((root or conf_dir()) / "config.yaml").get("results_dir", "results"))
+    if any(c in value for c in "${}"):
+        return None
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else Path.cwd() / path
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"results_dir={value} cannot be a folder: {existing} is a file; choose a folder (results_dir=<dir>)"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".retrobench-check-", dir=existing))
+    except OSError as exc:
+        return (
+            f"results_dir={value} cannot be created or written: {exc.strerror} in {existing}; "
+            "choose a writable folder (results_dir=<dir>)"
+        )
+    return None
+
+
+def check_method_sweep(overrides: list[str], root: Path | None = None) -> str | None:
+    """A method setting with several methods (``-m method=full,quest method.budget.tokens=32``) must
+    exist in every one of them: said in one line before any run starts, instead of one failed job."""
+    from omegaconf import OmegaConf
+
+    methods = next((o.split("=", 1)[1] for o in reversed(overrides) if re.match(r"^method=", o)), None)
+    keys = [o.split("=", 1)[0] for o in overrides if re.match(r"^method\.[\w.]+=", o)]
+    if not methods or not keys or any(c in methods for c in "${}*()"):
+        return None
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    if len(names) < 2:
+        return None  # one method: check_composition names the key and its allowed values
+    folder = (root or conf_dir()) / "method"
+    for key in keys:
+        path = key.split(".")[1:]
+        lacking = [n for n in names if (folder / f"{n}.yaml").is_file() and path[0] not in OmegaConf.load(folder / f"{n}.yaml")]
+        if lacking:
+            having = [n for n in names if n not in lacking]
+            return (
+                f"{key} does not apply to method={','.join(lacking)} (it has no {path[0]}); sweep it over methods that "
+                f"have one ({','.join(having) or 'none'}) and run {','.join(lacking)} separately"
+            )
+    return None
+
+
+def prepare_run(overrides: list[str]) -> tuple[list[str], str | None]:
+    """The ``run`` overrides after the one-key budget forms, or the first problem as one error line."""
+    overrides, error = normalize_budget(overrides)
+    return overrides, (
+        error
+        or check_group_choices(overrides)
+        or check_results_dir(overrides)
+        or check_method_sweep(overrides)
+        or check_composition(overrides)
     )
 
 
@@ -241,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "report":
         return report_main(rest)
     if command == "run":
-        error = check_group_choices(rest) or check_composition(rest)
+        rest, error = prepare_run(rest)
         if error:
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -354,7 +354,11 @@ def ppl_ratio_over_position(df: Any, hue: str = "label", facet: str | None = Non
 
 
 def latency_series(frame: Any) -> Any:
-    """The benchmark frame with a ``series`` column: method, ``w=`` for retro, ``b=`` when budgets vary."""
+    """The benchmark frame with a ``series`` column: method, ``w=`` for retro, ``b=`` when budgets vary.
+
+    A ``make bench`` table (``decode.csv``: an ``op`` column) keeps its ``decode_step`` rows only.
+    """
+    frame = frame[frame["op"] == "decode_step"] if "op" in frame.columns else frame
     frame = frame.copy()
     budgets = frame["budget"].nunique(dropna=False) if "budget" in frame.columns else 1
     names = []

@@ -130,6 +130,44 @@ def test_experiment_runs_end_to_end_on_tiny_random(name: str, tmp_path: Path) ->
     assert metrics["metrics"]["n"] >= 1 and metrics["model"] == "tiny_random"
 
 
+@pytest.mark.parametrize("profile", ["small", "paper"])
+def test_planner_folders_equal_full_composition(profile: str, tmp_path: Path) -> None:
+    """The planner's shared compositions give the folders composing each job in full gives."""
+    from hydra import compose, initialize_config_dir
+
+    from retrobench import results
+
+    res = str(tmp_path / "res")
+    for entry in reproduce.entries(profile, None):
+        entry = reproduce._substitute(entry, tmp_path / "res" / "offline")
+        jobs = reproduce.grid(entry, res, [])
+        fast = reproduce.run_folders(entry, res, [])
+        assert len(fast) == len(jobs)
+        picked = sorted({0, len(jobs) // 2, len(jobs) - 1})  # first, middle, last job of every entry
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            for i in picked:
+                full = compose("config", overrides=[o for o in jobs[i] if not o.startswith("hydra")])
+                assert results.run_dir(full) == fast[i], (entry.name, jobs[i])
+
+
+def test_plan_writes_nothing_and_answers_fast(tmp_path: Path) -> None:
+    """``make reproduce-plan`` leaves the results folder byte for byte as it was (no offline data)."""
+    import time
+
+    results = tmp_path / "res"
+    (results / "runs" / "abc").mkdir(parents=True)
+    (results / "runs" / "abc" / "samples.jsonl").write_text('{"id": "x"}\n')
+    before = {p: p.read_bytes() for p in results.rglob("*") if p.is_file()}
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "retrobench.reproduce", "--dry-run", "--profile", "small",
+                           "--results-dir", str(results)], cwd=tmp_path, env=_env(), capture_output=True,
+                          text=True, timeout=120, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert {p: p.read_bytes() for p in results.rglob("*") if p.is_file()} == before
+    assert sorted(results.rglob("*")) == sorted([results / "runs", results / "runs" / "abc", *before])
+    assert "distinct" in proc.stdout and time.perf_counter() - started < 30
+
+
 def test_offline_reasoning_data_grades(tmp_path: Path) -> None:
     from retrobench.tasks.reasoning import ReasoningTask
 

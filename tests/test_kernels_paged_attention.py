@@ -279,3 +279,27 @@ def test_quest_decode_step_captures_in_cuda_graph() -> None:
     torch.cuda.synchronize()
     assert_close("graph out", captured[0], expected[0], 0, 0, seed=seed)
     assert_close("graph lse", captured[1], expected[1], 0, 0, seed=seed)
+
+
+def test_shared_lists_expanded_over_heads_take_the_same_values() -> None:
+    """A ``[B, 1, K]`` list expanded over KV heads (stride 0, as dense attention and StreamingLLM pass
+    it) gives what the same list copied per head gives: the reference's shared-list gather, and the kernel."""
+    seed = fresh_seed()
+    case = Case(H=6, H_kv=3, S=2, D=24, P=4, lengths=(41, 26), select="full", key_mask=True, shared_mask=True)
+    args, kwargs = make_inputs(case, torch.float32)
+    q, k_cache, v_cache, table, pages, q_pos, scaling = args
+    shared = pages[:, :1].expand(-1, case.H_kv, -1)
+    per_head = shared.contiguous()
+    want = sparse_paged_attention_ref(q, k_cache, v_cache, table, per_head, q_pos, scaling, **kwargs)
+    got = sparse_paged_attention_ref(q, k_cache, v_cache, table, shared, q_pos, scaling, **kwargs)
+    assert_close("out", got[0], want[0], 1e-6, 1e-6, seed=seed)
+    assert_close("lse", got[1], want[1], 1e-6, 1e-6, seed=seed)
+    if triton_usable_here():
+        kernel = sparse_paged_attention(q, k_cache, v_cache, table, shared, q_pos, scaling, **kwargs)
+        assert_close("kernel out", kernel[0], want[0], *TOL_OUT[torch.float32], seed=seed)
+
+
+def triton_usable_here() -> bool:
+    from retrobench.kernels._triton import triton_usable
+
+    return triton_usable(torch.empty(0))

@@ -620,6 +620,20 @@ def test_notebooks_execute_on_fixture(name: str) -> None:
     assert len(figures) >= 2
 
 
+def test_latency_notebook_plots_the_committed_decode_table(tmp_path: Path) -> None:
+    """``make bench``'s ``results/bench/decode.csv`` (an ``op`` column, many ops) is read, not skipped:
+    its decode-step rows become a step-time-vs-context figure."""
+    import shutil
+
+    from matplotlib.figure import Figure
+
+    store = tmp_path / "results"
+    shutil.copytree(FIXTURE, store)
+    shutil.copy(ROOT / "results" / "bench" / "decode.csv", store / "bench" / "decode.csv")
+    namespace = _execute_notebook(NOTEBOOKS / "latency.ipynb", store)
+    assert "decode" in namespace["bench"] and isinstance(namespace["latency_figures"].get("decode"), Figure)
+
+
 # ---- wandb ----------------------------------------------------------------------------------------------
 
 

@@ -188,6 +188,7 @@ def latency_overhead(frame: Any) -> list[dict[str, Any]]:
     One dict per (retro window, budget, batch, model, device): mean_ms and max_ms over the contexts
     both methods were measured at, contexts (count) and context_range.
     """
+    frame = frame[frame["op"] == "decode_step"] if "op" in frame.columns else frame  # decode.csv: steps only
     frame = frame.copy()
     for col in ("window", "budget", "batch", "model", "device"):
         if col not in frame.columns:
