@@ -10,7 +10,7 @@ export PYTHONSAFEPATH := 1
 TEST_ENV := TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow test-gpu bench clean gpu-install gpu-test gpu-bench gpu-latency
+.PHONY: help install run test test-slow test-gpu bench notebooks clean gpu-install gpu-test gpu-bench gpu-latency gpu-batch
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-15s %s\n", $$1, $$2}'
@@ -62,6 +62,13 @@ gpu-bench: ## GPU machine (after gpu-install): python -m retrobench.bench_decode
 
 gpu-latency: ## GPU machine (after gpu-install): experiment=latency per method and backend -> results/bench/latency_cli.*
 	$(GPU_ENV) python3 -m retrobench.bench_cli $(ARGS)
+
+gpu-batch: ## GPU machine (after gpu-install): a batched generation run vs batch 1 -> results/bench/batch.*
+	$(GPU_ENV) python3 -m retrobench.bench_batch $(ARGS)
+
+notebooks: install ## open notebooks/ in Jupyter (installs the [notebooks] extra: jupyter) over results/
+	$(PY) -m pip install -q -e ".[notebooks]"
+	cd notebooks && $(CURDIR)/$(PY) -m jupyter notebook $(ARGS)
 
 clean: ## remove caches (keeps .venv and results/)
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

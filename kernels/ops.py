@@ -80,6 +80,18 @@ TRITON_OPS = Ops(
 )
 
 
+def resolve_backend(backend: str, device: torch.device | str) -> str:
+    """``auto`` -> ``triton`` on a CUDA device (``cuda``, ``cuda:N``; ``auto`` when a GPU is visible)
+    with the triton package installed, else ``torch``; any other value is returned as is."""
+    if backend != "auto":
+        return backend
+    import importlib.util
+
+    device = str(device)
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return "triton" if cuda and importlib.util.find_spec("triton") is not None else "torch"
+
+
 def get_ops(backend: str, device: torch.device | str = "cpu") -> Ops:
     """The op table of ``backend`` (``torch`` | ``triton``) for tensors on ``device``.
 
@@ -94,4 +106,4 @@ def get_ops(backend: str, device: torch.device | str = "cpu") -> Ops:
     raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "Ops", "TORCH_OPS", "TRITON_OPS", "TritonUnavailable", "get_ops"]
+__all__ = ["BACKENDS", "Ops", "TORCH_OPS", "TRITON_OPS", "TritonUnavailable", "get_ops", "resolve_backend"]

@@ -197,6 +197,14 @@ class Accounting:
         """Per sequence, the last per-step value of ``name`` (e.g. the resident KV after the last step)."""
         return self.last[:, self.index[name]].tolist()
 
+    def copy_row(self, b: int, src: Accounting, a: int) -> None:
+        """Sequence ``a`` of ``src``'s sums, counts and latest values into row ``b`` (continuous batching)."""
+        for mine, theirs in ((self.sums, src.sums), (self.counts, src.counts), (self.last, src.last)):
+            mine[b].copy_(theirs[a])
+        for name, scratch in src.kept.items():  # per-layer scratch [L, B, ...]
+            if name in self.kept:
+                self.kept[name][:, b].copy_(scratch[:, a])
+
     def tensors(self) -> list[torch.Tensor]:
         """Everything a step mutates (snapshotted around a CUDA-graph warm-up)."""
         return [self.sums, self.counts, self.last, *self.kept.values()]
@@ -253,6 +261,31 @@ class Forward:
             return torch.where(idx < self.n_pages.view(-1, 1, 1), idx, torch.full_like(idx, -1))
 
         return self.derived("all_pages", make)
+
+
+def copy_state_row(dst: Any, b: int, src: Any, a: int, one: Any, two: Any) -> None:
+    """Copy sequence ``a`` of the method state ``src`` into row ``b`` of ``dst`` (continuous batching).
+
+    ``one`` and ``two`` are the same method's states for batch 1 and 2 (built on the ``meta``
+    device: no memory): a tensor's batch dimension is the one whose size differs between them, and
+    a host list whose length differs holds one entry per sequence. Tensors and lists without one
+    are per request and stay as they are; so do plain settings (ints, floats).
+    """
+    if isinstance(one, torch.Tensor):
+        dims = [d for d in range(one.dim()) if one.shape[d] != two.shape[d]]
+        if dims:
+            dst.select(dims[0], b).copy_(src.select(dims[0], a))
+    elif dataclasses.is_dataclass(one) and not isinstance(one, type):
+        for f in dataclasses.fields(one):
+            copy_state_row(getattr(dst, f.name), b, getattr(src, f.name), a, getattr(one, f.name), getattr(two, f.name))
+    elif isinstance(one, list) and len(one) != len(two):
+        dst[b] = src[a]
+    elif isinstance(one, (list, tuple)):
+        for d, s, o, t in zip(dst, src, one, two):
+            copy_state_row(d, b, s, a, o, t)
+    elif isinstance(one, dict):
+        for key in one:
+            copy_state_row(dst[key], b, src[key], a, one[key], two[key])
 
 
 def state_tensors(obj: Any) -> list[torch.Tensor]:
@@ -326,6 +359,15 @@ class Method:
     def prepare(self, fwd: Forward) -> None:
         """Eager device upkeep before a forward (outside any CUDA graph); default: nothing."""
 
+    def copy_row(self, dst: Any, b: int, src: Any, a: int, spec: ModelSpec, capacity: int) -> None:
+        """Copy sequence ``a`` of state ``src`` into row ``b`` of state ``dst`` (both for ``capacity``
+        tokens): how continuous batching moves a started sequence into a batch. The default finds
+        each tensor's batch dimension from states built on the ``meta`` device (:func:`copy_state_row`);
+        a method whose state has other per-sequence structure overrides this."""
+        meta = torch.device("meta")
+        one, two = self.new_state(spec, 1, capacity, meta), self.new_state(spec, 2, capacity, meta)
+        copy_state_row(dst, b, src, a, one, two)
+
     def prefilled(self, state: Any, ends: list[int]) -> None:
         """Put ``state`` where a prefill of ``ends[b]`` tokens would leave it (liveness, counters), for
         benchmarks that fill the cache with random K/V instead of prefilling; default: nothing."""
@@ -379,5 +421,6 @@ __all__ = [
     "ModelSpec",
     "as_budget",
     "attend_dense",
+    "copy_state_row",
     "state_tensors",
 ]

@@ -119,30 +119,39 @@ def _timing(gen: Any) -> dict[str, Any]:
     }
 
 
+def generate_job(ctx: RunContext, sample: Any, seed: int) -> Any:
+    """The engine job of one ``generate`` sample: its prompt ids, token limit and seeded sampling rule."""
+    from retrobench.engine import Job, Sampling
+
+    return Job(
+        encode_prompt(ctx.tokenizer, sample.prompt, bool(ctx.task.chat_template)),
+        int(ctx.task.max_new_tokens),
+        Sampling(temperature=ctx.temperature, top_p=ctx.top_p, seed=sample_seed(seed, sample.id)),
+    )
+
+
 def generate(
     ctx: RunContext, sample: Any, seed: int, on_token: Callable[[int], None] | None
 ) -> dict[str, Any]:
     """Sample an answer and score its text (``task.score``)."""
-    from retrobench.engine import Sampling
-
-    prompt_ids = encode_prompt(ctx.tokenizer, sample.prompt, bool(ctx.task.chat_template))
-    sampling = Sampling(
-        temperature=ctx.temperature,
-        top_p=ctx.top_p,
-        seed=sample_seed(seed, sample.id),
-    )
+    job = generate_job(ctx, sample, seed)
     gen = ctx.engine.generate(
-        prompt_ids,
-        int(ctx.task.max_new_tokens),
-        sampling=sampling,
+        job.prompt_ids,
+        job.max_new_tokens,
+        sampling=job.sampling,
         eos_token_ids=ctx.eos,
         stop_strings=tuple(ctx.task.stop),
         decode=ctx.tokenizer.decode,
         on_token=on_token,
     )
+    return generate_row(ctx, sample, gen)
+
+
+def generate_row(ctx: RunContext, sample: Any, gen: Any) -> dict[str, Any]:
+    """The mode-specific result row of a generated sample (also for samples decoded in a batch)."""
     text = ctx.tokenizer.decode(gen.tokens, skip_special_tokens=True)
     return {
-        "prompt_tokens": len(prompt_ids),
+        "prompt_tokens": gen.prompt_tokens,
         "new_tokens": len(gen.tokens),
         "finish_reason": gen.finish_reason,
         "output": text,
@@ -251,6 +260,8 @@ __all__ = [
     "encode_prompt",
     "fidelity",
     "generate",
+    "generate_job",
+    "generate_row",
     "run_sample",
     "sample_seed",
     "teacher_forced",

@@ -35,6 +35,9 @@ from typing import Any
 
 #: Top-level config keys that never change results and so are left out of the run hash.
 EXCLUDED_KEYS = ("device", "logger", "results_dir", "overwrite", "hydra", "gpu_pool")
+#: Engine keys left out too: how many sequences share a batch changes speed, not outputs (tests
+#: prove greedy outputs equal at any batch size; sampling is seeded per sample).
+EXCLUDED_ENGINE_KEYS = ("batch_size",)
 
 CONFIG_FILE, ENV_FILE, SAMPLES_FILE, METRICS_FILE = "config.yaml", "env.json", "samples.jsonl", "metrics.json"
 
@@ -46,8 +49,16 @@ def semantic_config(cfg: Any) -> dict[str, Any]:
     """The resolved config as plain data, without :data:`EXCLUDED_KEYS`."""
     from omegaconf import DictConfig, OmegaConf
 
+    from retrobench.kernels.ops import resolve_backend
+
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    return {k: v for k, v in data.items() if k not in EXCLUDED_KEYS}  # type: ignore[union-attr]
+    out = {k: v for k, v in data.items() if k not in EXCLUDED_KEYS}  # type: ignore[union-attr]
+    if isinstance(out.get("engine"), Mapping):  # engine.backend=auto hashes as the backend it picks
+        engine = {k: v for k, v in out["engine"].items() if k not in EXCLUDED_ENGINE_KEYS}
+        if "backend" in engine:
+            engine["backend"] = resolve_backend(str(engine["backend"]), str(data.get("device", "cpu")))
+        out["engine"] = engine
+    return out
 
 
 def run_hash(cfg: Any) -> str:
@@ -170,37 +181,40 @@ def write_env(path: Path, backend: str, device: str) -> dict[str, Any]:
 
 
 def read_samples(path: Path) -> list[dict[str, Any]]:
-    """The complete rows of ``samples.jsonl`` (``path`` is the file), repairing it if needed.
+    """The complete rows of ``samples.jsonl`` (``path`` is the file), repairing it if needed
+    (see :func:`repair_samples`)."""
+    return repair_samples(path)[0]
+
+
+def repair_samples(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """``(rows, dropped)``: the complete rows of ``samples.jsonl`` and how many lines were dropped.
 
     A run killed mid-write can leave a last line without its newline or with broken JSON; such a
-    line is dropped and the file rewritten (atomically) without it, so the next append starts on
-    a clean line. Duplicate ids (never written by :func:`append_sample` users that check ids)
-    keep their first row.
+    line is dropped and the file rewritten (atomically) with the other lines byte for byte, so the
+    next append starts on a clean line. Duplicate ids (never written by :func:`append_sample` users
+    that check ids) keep their first row.
     """
     path = Path(path)
     if not path.is_file():
-        return []
+        return [], 0
     raw = path.read_bytes()
     lines = raw.split(b"\n")
     tail = lines.pop()  # bytes after the last newline: b"" when the file ends cleanly
-    rows, seen, dirty = [], set(), bool(tail.strip())
+    rows, kept, seen, dropped = [], [], set(), int(bool(tail.strip()))
     for line in lines:
-        if not line.strip():
-            dirty = True
-            continue
         try:
-            row = json.loads(line)
+            row = json.loads(line) if line.strip() else None
         except ValueError:
-            dirty = True
-            continue
+            row = None
         if not isinstance(row, dict) or row.get("id") in seen:
-            dirty = True
+            dropped += 1
             continue
         seen.add(row.get("id"))
         rows.append(row)
-    if dirty:
-        _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
-    return rows
+        kept.append(line + b"\n")
+    if dropped or len(kept) != len(lines):
+        _atomic_write(path, b"".join(kept))
+    return rows, dropped
 
 
 def append_sample(path: Path, row: Mapping[str, Any]) -> None:
@@ -218,9 +232,9 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, text: str | bytes) -> None:
     tmp = Path(path).with_name(Path(path).name + ".tmp")
-    with open(tmp, "w") as f:
+    with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

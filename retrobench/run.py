@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from retrobench import gpus, results
 from retrobench.metrics import aggregate
-from retrobench.modes import RunContext, encode_prompt, run_sample, sample_seed
+from retrobench.modes import RunContext, encode_prompt, generate_job, generate_row, run_sample, sample_seed
 from retrobench.reference import ReferenceStore
 from retrobench.validation import RunConfigError, fail, validate
 
@@ -85,6 +85,12 @@ class _Progress:
     def finish_sample(self, n: int, decode_s: float) -> None:
         if n > 1 and decode_s > 0:
             self.bar.set_postfix_str(f"{n} tok, {(n - 1) / decode_s:.1f} tok/s", refresh=False)
+        self.bar.update(1)
+
+    def finish_batched(self, tokens: int, elapsed: float, batch: int) -> None:
+        """A sample of a batched run finished: the postfix shows the run's throughput so far."""
+        if elapsed > 0:
+            self.bar.set_postfix_str(f"batch {batch}, {tokens / elapsed:.1f} tok/s", refresh=False)
         self.bar.update(1)
 
     def close(self) -> None:
@@ -221,8 +227,12 @@ def execute(cfg: DictConfig) -> Path | None:
     (folder / results.CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     results.write_env(folder, engine.backend, str(engine.device))
     samples_path = folder / results.SAMPLES_FILE
-    done = {row["id"] for row in results.read_samples(samples_path)}
+    kept, dropped = results.repair_samples(samples_path)
+    done = {row["id"] for row in kept}
     todo = [(i, s) for i, s in enumerate(samples) if s.id not in done]
+    if done or dropped:
+        lines = f", {dropped} partial line{'s' if dropped != 1 else ''} dropped" if dropped else ""
+        print(f"resuming: {len(samples) - len(todo)} of {len(samples)} samples done{lines}", flush=True)
     wandb_run = _wandb_start(cfg, folder) if cfg.logger.get("name") == "wandb" else None
 
     ctx = RunContext(
@@ -241,27 +251,47 @@ def execute(cfg: DictConfig) -> Path | None:
         import torch
 
         torch.cuda.reset_peak_memory_stats(engine.device)
+    mode = getattr(task, "mode", "generate")
+    jobs = [generate_job(ctx, sample, seed) for _, sample in todo] if mode == "generate" else []
+    batch = batch_size(cfg.engine.get("batch_size", 1), engine, jobs)
+
+    def store(index: int, sample: Any, part: dict[str, Any], wall_s: float) -> dict[str, Any]:
+        row = {
+            "id": sample.id,
+            "index": index,
+            "seed": seed,
+            "method": method.name,
+            "task": task.name,
+            "task_version": task.version,
+            "model": cfg.model.get("name"),
+            "backend": engine.backend,
+            "batch_size": batch,
+            **part,
+            "wall_s": wall_s,
+        }
+        results.append_sample(samples_path, row)
+        if wandb_run is not None:
+            wandb_run.log({f"sample/{k}": v for k, v in row["score"].items() if isinstance(v, (int, float))})
+        return row
+
     try:
-        for index, sample in todo:
+        if batch > 1:  # continuous batching; a sample's wall_s is the time since the previous one finished
+            t_start, clock, tokens = time.perf_counter(), [time.perf_counter()], [0]
+
+            def on_done(i: int, gen: Any) -> None:
+                index, sample = todo[i]
+                now = time.perf_counter()
+                store(index, sample, generate_row(ctx, sample, gen), now - clock[0])
+                clock[0], tokens[0] = now, tokens[0] + len(gen.tokens)
+                progress.finish_batched(tokens[0], now - t_start, batch)
+
+            engine.generate_batch(jobs, batch, on_done, eos_token_ids=ctx.eos, stop_strings=tuple(task.stop),
+                                  decode=tokenizer.decode)  # fmt: skip
+        for index, sample in todo if batch == 1 else ():
             progress.begin()
             started = time.perf_counter()
             part = run_sample(ctx, sample, seed, progress.on_token)
-            row = {
-                "id": sample.id,
-                "index": index,
-                "seed": seed,
-                "method": method.name,
-                "task": task.name,
-                "task_version": task.version,
-                "model": cfg.model.get("name"),
-                "backend": engine.backend,
-                **part,
-                "wall_s": time.perf_counter() - started,
-            }
-            score = row["score"]
-            results.append_sample(samples_path, row)
-            if wandb_run is not None:
-                wandb_run.log({f"sample/{k}": v for k, v in score.items() if isinstance(v, (int, float))})
+            row = store(index, sample, part, time.perf_counter() - started)
             progress.finish_sample(int(row["new_tokens"]), sum(row["step_times_s"]))
     except ConfigError as exc:  # e.g. a prompt longer than the engine's limit; finished samples stay
         progress.close()
@@ -288,6 +318,7 @@ def execute(cfg: DictConfig) -> Path | None:
         "seed": seed,
         "backend": engine.backend,
         "device": str(engine.device),
+        "batch_size": batch,
         **summary,
     }
     results.write_json(folder / results.METRICS_FILE, record)
@@ -297,17 +328,87 @@ def execute(cfg: DictConfig) -> Path | None:
         wandb_run.summary.update({k: v for k, v in summary["metrics"].items() if v is not None})
         log_run_to_wandb(wandb_run, folder)  # the run's plots (decode time, ppl ratio by position)
         wandb_run.finish()
-    headline = {
-        "teacher_forced": ("nll", "ppl", "ppl_ratio"),
-        "fidelity": ("top1_agreement", "kl_full_method"),
-    }
-    keys = ("n", *headline.get(getattr(task, "mode", "generate"), ("accuracy", "completion")), "tpot_p50_s")
-    shown = {k: summary["metrics"].get(k) for k in keys}
+    headline = HEADLINE.get(getattr(task, "mode", "generate"), ("accuracy", "completion"))
+    shown = {k: summary["metrics"].get(k) for k in ("n", *headline, "tpot_p50_s")}
     print(
         f"done: {folder} "
         + " ".join(f"{k}={v:.4g}" if v is not None else f"{k}=n/a" for k, v in shown.items())
     )
+    if _single_run():  # a multirun (and make reproduce) keeps one line per run
+        print(run_summary(cfg, method, task, summary, folder), flush=True)
     return folder
+
+
+def batch_size(value: Any, engine: Any, jobs: list[Any]) -> int:
+    """``engine.batch_size`` for this run's ``jobs``: at most one row per job; 1 when the task does
+    not generate (teacher-forced and fidelity samples run one by one) or attention is probed;
+    ``auto`` fits the memory (:func:`retrobench.engine.batch.auto_batch_size`)."""
+    if len(jobs) < 2 or engine.probe_every:
+        return 1
+    if value == "auto":
+        from retrobench.engine.batch import auto_batch_size
+
+        return auto_batch_size(engine, max(len(j.prompt_ids) + j.max_new_tokens for j in jobs), len(jobs))
+    return max(1, min(int(value), len(jobs)))
+
+
+#: The metrics a run's summary leads with, per task mode.
+HEADLINE = {"teacher_forced": ("nll", "ppl", "ppl_ratio"), "fidelity": ("top1_agreement", "kl_full_method")}
+
+
+def _single_run() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.RUN
+    except (ImportError, ValueError):  # not inside a Hydra app
+        return True
+
+
+def run_summary(cfg: DictConfig, method: Any, task: Any, summary: dict[str, Any], folder: Path) -> str:
+    """A few lines for a person at the end of a run: headline metrics with 95% CIs, exposure and KV,
+    decode speed, where the run lives and what to do next (with a word on what the offline 135M
+    model can show when it scores zero)."""
+    metrics, per = summary["metrics"], summary["summaries"]
+
+    def cell(key: str, pct: bool = False) -> str | None:
+        value = metrics.get(key)
+        if value is None:
+            return None
+        scale, unit = (100.0, "%") if pct else (1.0, "")
+        text = f"{key} {value * scale:.3g}{unit}"
+        s = per.get(key)
+        if s and s.get("n", 0) > 1:
+            text += f" [{s['ci_low'] * scale:.3g}, {s['ci_high'] * scale:.3g}]"
+        return text
+
+    mode = getattr(task, "mode", "generate")
+    pct = mode == "generate"
+    head = [c for c in (cell(k, pct and k in ("accuracy", "completion")) for k in HEADLINE.get(mode, ("accuracy", "completion"))) if c]  # fmt: skip
+    n = int(metrics.get("n") or 0)
+    lines = [f"  {task.name} on {cfg.model.get('name')} with {method.name}, n={n} (95% bootstrap CIs over samples):"
+             f" {', '.join(head) or 'no score'}"]  # fmt: skip
+    kv = []
+    for key, label in (("exposure", "exposure"), ("attended_kv", "attended KV"), ("resident_kv", "resident KV")):
+        if metrics.get(key) is not None:
+            kv.append(f"{label} {metrics[key]:.4g}")
+    speed = []
+    if metrics.get("tpot_p50_s"):
+        speed.append(f"decode {metrics['tpot_p50_s'] * 1e3:.1f} ms/token p50 ({metrics.get('tokens_per_s') or 0:.1f} tok/s)")
+    if metrics.get("ttft_p50_s"):
+        speed.append(f"TTFT {metrics['ttft_p50_s']:.2f} s")
+    if kv or speed:
+        lines.append("  " + ", ".join(kv + speed))
+    lines.append(f"  run folder: {folder} (samples.jsonl, metrics.json, env.json)")
+    lines.append(f"  next: python -m retrobench report --results-dir {cfg.results_dir}")
+    if str(cfg.model.get("name")) == "smollm2_135m" and mode == "generate" and not metrics.get("accuracy"):
+        lines.append(
+            "  note: SmolLM2-135M scores near 0 on these tasks with full attention too, so accuracy cannot "
+            "separate methods here; compare them with task=fidelity (agreement with full attention) or "
+            "task=ppl (perplexity by position), or by completion"
+        )
+    return "\n".join(lines)
 
 
 def _wandb_start(cfg: DictConfig, folder: Path) -> Any:

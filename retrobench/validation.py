@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from retrobench import gpus
 
-BACKENDS = ("torch", "triton")
+from retrobench.kernels.ops import BACKENDS, resolve_backend
 DTYPES = ("float32", "bfloat16", "float16")
 WANDB_MODES = ("offline", "online", "disabled")
 
@@ -66,8 +66,11 @@ def _instantiate(node: DictConfig, group: str) -> Any:
             raise RunConfigError(
                 f"{group}.{key} is not a setting of {group}={_choice(group)}; allowed: {', '.join(allowed)}"
             ) from None
-        if isinstance(cause, ValueError):  # ConfigError / TaskConfigError carry the key already
-            raise RunConfigError(str(cause)) from None
+        if isinstance(cause, ValueError):  # ConfigError / TaskConfigError carry the key; add the group's choice
+            choice = _choice(group)
+            where = f"{group}={choice}"
+            text = str(cause) if choice == "?" or where in str(cause) else f"{cause} ({where})"
+            raise RunConfigError(text) from None
         raise RunConfigError(f"{group}: {str(exc).splitlines()[0]}") from None
 
 
@@ -101,8 +104,9 @@ def check_engine(engine: DictConfig, device: str) -> None:
             f"device={device} needs a CUDA GPU and none is visible; allowed here: device=cpu"
         )
     backend = engine.get("backend")
-    if backend not in BACKENDS:
-        raise RunConfigError(f"engine.backend={backend} is not a backend; allowed: {', '.join(BACKENDS)}")
+    if backend != "auto" and backend not in BACKENDS:
+        raise RunConfigError(f"engine.backend={backend} is not a backend; allowed: auto, {', '.join(BACKENDS)}")
+    backend = resolve_backend(backend, device)
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
             raise RunConfigError(
@@ -114,6 +118,9 @@ def check_engine(engine: DictConfig, device: str) -> None:
                 "engine.backend=triton needs a CUDA GPU (device=cuda) or TRITON_INTERPRET=1 on CPU; "
                 "allowed here: engine.backend=torch"
             )
+    batch = engine.get("batch_size", 1)
+    if batch != "auto" and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+        raise RunConfigError(f"engine.batch_size must be an integer >= 1 or auto, got {batch}")
     temperature, top_p = engine.get("temperature", 0.0), engine.get("top_p", 1.0)
     if not isinstance(temperature, (int, float)) or temperature < 0:
         raise RunConfigError(f"engine.temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -161,6 +168,11 @@ def validate(cfg: DictConfig) -> tuple[Any, Any]:
     if cfg.get("gpu_pool", "auto") not in gpus.POOL_VALUES:
         raise RunConfigError(f"gpu_pool={cfg.get('gpu_pool')} is not allowed; allowed: {gpus.ALLOWED}")
     check_context(cfg, task)
+    dtype = cfg.model.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise RunConfigError(
+            f"model.dtype={dtype} is not supported (model={cfg.model.get('name')}); allowed: {', '.join(DTYPES)}"
+        )
     try:
         check_model_available(cfg.model)
     except ModelConfigError as exc:

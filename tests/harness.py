@@ -8,7 +8,11 @@ would hand a method for one forward at given positions (plan included), so a tes
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from retrobench.engine.cache import PagedKVCache
 from retrobench.kernels.ops import TORCH_OPS, Ops
@@ -70,3 +74,47 @@ def selection_mask(units: torch.Tensor, unit: int, end: int) -> torch.Tensor:
                 if u >= 0:
                     mask[b, h, u * unit : (u + 1) * unit] = True
     return mask[..., :end]
+
+
+# ---- every method, in the settings the equivalence tests run ---------------------------------------
+CONF = Path(__file__).resolve().parent.parent / "conf" / "method"
+T = {"budget": {"tokens": 24, "fraction": None}}
+F = {"budget": {"tokens": None, "fraction": 0.3}}
+IB = {"budget": {"tokens": 48, "fraction": None}}  # InfLLM: n_init 0, window 31, one 16-token block
+METHOD_CASES = {
+    "full": ("full", {}),
+    "quest-kv_head": ("quest", T),
+    "quest-q_head": ("quest", {**T, "selection": "q_head"}),
+    "quest-layer": ("quest", {**F, "selection": "layer"}),
+    "oracle-token": ("oracle", T),
+    "oracle-page-q_head": ("oracle", {**T, "granularity": "page", "selection": "q_head"}),
+    "infllm-layer": ("infllm", {**IB, "block_size": 16}),
+    "infllm-kv_head": ("infllm", {**F, "block_size": 16, "selection": "kv_head"}),
+    "streaming": ("streaming", T),
+    "tova": ("tova", F),
+    "retro-quest-w2": ("retro", {**T, "window": 2}),
+    "retro-quest-w3-cached": ("retro", {**F, "window": 3, "past_query": "cached"}),
+    "retro-quest-w3-q_head": ("retro", {**T, "window": 3, "selection": "q_head"}),
+    "retro-oracle-w2": ("retro", {**T, "window": 2, "base": "oracle"}),
+    "retro-oracle-page-w3-cached": ("retro", {**T, "window": 3, "base": "oracle", "past_query": "cached",
+                                              "base_options": {"granularity": "page"}}),
+    "retro-infllm-w2": ("retro", {**IB, "window": 2, "base": "infllm", "base_options": {"block_size": 16}}),
+    "retro-infllm-w3-cached": ("retro", {**F, "window": 3, "base": "infllm", "past_query": "cached",
+                                         "base_options": {"block_size": 16}}),
+}  # fmt: skip
+for _name in sorted(p.stem for p in CONF.glob("*.yaml")):  # a new method is covered at its defaults
+    if not any(method == _name for method, _ in METHOD_CASES.values()):
+        METHOD_CASES[_name] = (_name, T if "budget" in OmegaConf.load(CONF / f"{_name}.yaml") else {})
+
+def make_case(name: str, **extra):
+    method, overrides = METHOD_CASES[name]
+    cfg = OmegaConf.load(CONF / f"{method}.yaml")
+    cfg.dense_layers = 1 if method in ("quest", "oracle", "infllm", "retro") else cfg.dense_layers
+    for key, value in {**overrides, **extra}.items():
+        OmegaConf.update(cfg, key, value, force_add=True)
+    return instantiate(cfg, _convert_="all")
+
+
+def random_prompt(n: int, vocab: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, min(vocab, 20000) - 4, (n,), generator=g).tolist()

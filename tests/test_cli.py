@@ -90,10 +90,13 @@ def test_run_writes_store_skips_and_overwrites(tmp_path: Path) -> None:
     assert len(_rows(folder)) == 3
 
 
-def test_killed_run_resumes_without_loss_or_duplicates(tmp_path: Path) -> None:
+@pytest.mark.parametrize("batch", [1, 3])
+def test_killed_run_resumes_without_loss_or_duplicates(tmp_path: Path, batch: int) -> None:
+    """Killed after its first finished sample(s), at batch 1 and in a continuous batch of 3."""
     results = tmp_path / "res"
-    n = 4
-    args = ["run", *SMALL, f"task.num_samples={n}", "task.max_new_tokens=96", "task.stop=[]"]
+    n = 4 if batch == 1 else 5
+    args = ["run", *SMALL, f"task.num_samples={n}", "task.max_new_tokens=96", "task.stop=[]",
+            f"engine.batch_size={batch}"]  # fmt: skip
     proc = subprocess.Popen(
         _cmd(*args, f"results_dir={results}"),
         cwd=tmp_path,
@@ -118,6 +121,11 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path: Path) -> None:
 
     resumed = rb(tmp_path, *args, f"results_dir={results}")
     assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: {killed} of {n} samples done, 1 partial line dropped" in resumed.stdout, resumed.stdout
+    summary = resumed.stdout[resumed.stdout.index("done: ") :]  # the end-of-run summary
+    for part in (f"synthetic on tiny_random with retro, n={n}", "accuracy", "exposure", "ms/token", "run folder:",
+                 f"next: python -m retrobench report --results-dir {results}"):  # fmt: skip
+        assert part in summary, (part, summary)
     rows = _rows(folder)
     assert len(rows) == n and len({r["id"] for r in rows}) == n
     # the rows written before the kill are kept byte for byte (timings differ if regenerated)
@@ -125,6 +133,27 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path: Path) -> None:
     assert json.loads((folder / "metrics.json").read_text())["metrics"]["n"] == n
     env = json.loads((folder / "env.json").read_text())
     assert len(env.get("resumes", [])) == 1
+    assert {r["batch_size"] for r in rows[killed:]} == {min(batch, n - killed)}
+
+
+def test_batched_run_equals_batch_one_and_shares_its_folder(tmp_path: Path) -> None:
+    """engine.batch_size changes speed, not results: the same outputs, scores and accounting, the same
+    run folder (the batch size is not part of the run hash), rows in finishing order."""
+    args = ["run", *SMALL, "method=retro", "task.num_samples=5", "task.max_new_tokens=12"]
+    rows = {}
+    for batch in (1, 3):
+        results = tmp_path / f"b{batch}"
+        done = rb(tmp_path, *args, f"engine.batch_size={batch}", f"results_dir={results}")
+        assert done.returncode == 0, done.stderr
+        folder = _run_folder(results)
+        rows[batch] = (folder.name, sorted(_rows(folder), key=lambda r: r["index"]))
+        assert json.loads((folder / "metrics.json").read_text())["batch_size"] == batch
+    assert rows[1][0] == rows[3][0]
+    for one, three in zip(rows[1][1], rows[3][1]):
+        assert (one["id"], one["output"], one["score"], one["new_tokens"]) == (three["id"], three["output"],
+                                                                             three["score"], three["new_tokens"])
+        for key in ("attended_kv", "resident_kv", "exposure", "pages_selected"):
+            assert one["stats"][key] == pytest.approx(three["stats"][key], rel=1e-6)
 
 
 BAD_INPUTS = {
@@ -137,7 +166,15 @@ BAD_INPUTS = {
     "unknown_key": (["method.no_such_key=3"], "method.no_such_key", {}),
     "prompt_too_long": (["task=longgenbench", "task.num_questions=30"], "model.max_context", {}),
     "gpu_pool": (["gpu_pool=sometimes"], "gpu_pool", {}),
-}
+    "model_dtype": (["model.dtype=float7"], "model.dtype=float7 is not supported (model=tiny_random)", {}),
+    "last_task_choice": (["task=synthetic", "task=ppl", "task.max_new_tokens=8"],
+                         "task.max_new_tokens is not a key of task=ppl", {}),
+    "setting_names_group": (["method=quest", "method.budget.tokens=-3"], "method.budget.tokens must be", {}),
+    "budget_mix": (["method.budget=0.1,64"], "method.budget=0.1,64", {}),
+    "batch_size": (["engine.batch_size=0"], "engine.batch_size must be an integer >= 1 or auto", {}),
+    "method_sweep_budget": (["-m", "method=full,quest", "method.budget.tokens=32"],
+                            "method.budget.tokens does not apply to method=full", {}),
+}  # fmt: skip
 
 
 def test_bad_inputs_fail_with_one_line_and_write_nothing(tmp_path: Path) -> None:
@@ -161,6 +198,46 @@ def test_bad_inputs_fail_with_one_line_and_write_nothing(tmp_path: Path) -> None
         results = tmp_path / name
         written = [p for p in results.rglob("*")] if results.exists() else []
         assert written == [], (name, written)
+
+
+@pytest.mark.parametrize("case", ["under_a_file", "not_writable"])
+def test_bad_results_dir_is_one_line_and_creates_nothing(tmp_path: Path, case: str) -> None:
+    """A results folder that cannot be made or written stops before Hydra creates anything (its logs
+    would go to <results_dir>/hydra/): one line naming results_dir, exit 2, no traceback."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    target = blocker / "res" if case == "under_a_file" else Path("/sys/retrobench-cannot-write/res")
+    if case == "not_writable" and os.access("/sys", os.W_OK) and os.geteuid() != 0:
+        pytest.skip("/sys is writable here")
+    before = sorted(tmp_path.rglob("*"))
+    proc = rb(tmp_path, "run", "model=tiny_random", f"results_dir={target}")
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: results_dir={target}") and "Traceback" not in proc.stderr
+    assert sorted(tmp_path.rglob("*")) == before and not target.exists()
+
+
+def test_one_key_budgets_are_the_same_run_as_both_keys() -> None:
+    """``method.budget=2048`` / ``=0.15`` and ``method.budget.tokens=48`` alone compose the config (and
+    the run hash) of spelling both keys."""
+    from hydra import compose, initialize_config_dir
+
+    from retrobench import cli, results
+
+    def run_hash(overrides: list[str]) -> str:
+        prepared, error = cli.prepare_run(["model=tiny_random", "method=quest", *overrides])
+        assert error is None, error
+        with initialize_config_dir(str(cli.conf_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=prepared)
+        return results.run_hash(cfg), dict(cfg.method.budget)
+
+    tokens = run_hash(["method.budget.tokens=2048", "method.budget.fraction=null"])
+    assert tokens == run_hash(["method.budget=2048"]) == run_hash(["method.budget.tokens=2048"])
+    assert tokens[1] == {"tokens": 2048, "fraction": None}
+    fraction = run_hash(["method.budget.fraction=0.05", "method.budget.tokens=null"])
+    assert fraction == run_hash(["method.budget=0.05"]) == run_hash(["method.budget.fraction=0.05"])
+    assert cli.normalize_budget(["method.budget=0.05,0.15"])[0] == [
+        "method.budget.fraction=0.05,0.15", "method.budget.tokens=null"]  # a sweep in one key  # fmt: skip
 
 
 def test_list_help_and_hydra_flags(tmp_path: Path) -> None:

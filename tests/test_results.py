@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -21,8 +22,15 @@ def test_hash_is_stable_and_ignores_non_semantic_keys() -> None:
     base = results.run_hash(_cfg())
     assert len(base) == 12 and int(base, 16) >= 0
     assert results.run_hash(_cfg()) == base
-    for same in ("device=cuda", "logger=wandb", "results_dir=/elsewhere", "overwrite=true"):
-        assert results.run_hash(_cfg(same)) == base, same
+    for same in ("logger=wandb", "results_dir=/elsewhere", "overwrite=true", "engine.batch_size=8",
+                 "engine.backend=torch"):  # fmt: skip
+        assert results.run_hash(_cfg(same)) == base, same  # backend=auto on CPU hashes as torch
+    torch_hash = results.run_hash(_cfg("engine.backend=torch", "device=cuda"))
+    assert torch_hash == base  # the device alone never changes the hash
+    # engine.backend=auto on a GPU is the triton backend: the same folder as asking for triton there
+    triton = results.run_hash(_cfg("engine.backend=triton", "device=cuda"))
+    auto = results.run_hash(_cfg("device=cuda"))
+    assert triton != base and (auto == triton) == (importlib.util.find_spec("triton") is not None)
     for different in (
         "seed=1",
         "engine.page_size=32",

@@ -73,6 +73,16 @@ class PagedKVCache:
         shape = (-1, 1, self.num_kv_heads, self.head_dim)
         return self.k[layer].view(shape), self.v[layer].view(shape), self.token_table()
 
+    def copy_sequence(self, b: int, src: PagedKVCache, a: int) -> None:
+        """Copy every page of ``src``'s sequence ``a`` (K, V, page min/max) into sequence ``b`` here;
+        both caches hold the same pages per sequence (continuous batching)."""
+        if src.pages_per_seq != self.pages_per_seq:
+            raise ValueError(f"pages per sequence differ: {src.pages_per_seq} vs {self.pages_per_seq}")
+        mine, theirs = self.page_table[b].long(), src.page_table[a].long()
+        for pool, other in ((self.k, src.k), (self.v, src.v), (self.kmin, src.kmin), (self.kmax, src.kmax)):
+            if pool is not None:
+                pool[:, mine] = other[:, theirs]
+
     def remap(self, page_table: torch.Tensor) -> None:
         """Install another page table (tests use this to prove every access goes through it)."""
         self.page_table = page_table.to(device=self.page_table.device, dtype=torch.int32).contiguous()

@@ -29,11 +29,12 @@ from typing import Any
 
 import torch
 
+from retrobench.engine.batch import Job, Stream, generate_batch, start
 from retrobench.engine.cache import PagedKVCache
 from retrobench.engine.graphs import CaptureGuard, GraphRunner, StepBuffers, make_forward
 from retrobench.engine.hook import Call, register
-from retrobench.kernels.ops import BACKENDS, TritonUnavailable, get_ops
-from retrobench.engine.sampling import Sampling, sample_next
+from retrobench.kernels.ops import BACKENDS, TritonUnavailable, get_ops, resolve_backend
+from retrobench.engine.sampling import Sampling
 from retrobench.methods.base import INT32_MAX, Accounting, ConfigError, Forward, Method, ModelSpec, state_tensors
 
 
@@ -73,7 +74,7 @@ class Request:
     history: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     buffers: StepBuffers | None = None  # static decode inputs (created at the first decode step)
     graphs: dict[int, GraphRunner] = field(default_factory=dict)  # captured decode steps, per S
-    prompt_tokens: int = 0
+    eager: bool = False  # never capture (a batch-1 start of a sequence joining a batch: a few steps)
 
 
 def _sync(device: torch.device) -> None:
@@ -90,8 +91,9 @@ class Engine:
     method: a :class:`retrobench.methods.base.Method`.
     page_size: P, a power of two.
     prefill_chunk: prompt tokens per dense prefill forward.
-    backend: ``torch`` (the ops' PyTorch references) or ``triton`` (the Triton kernels: a CUDA GPU,
-        or CPU under ``TRITON_INTERPRET=1``). Every method runs on both.
+    backend: ``torch`` (the ops' PyTorch references), ``triton`` (the Triton kernels: a CUDA GPU,
+        or CPU under ``TRITON_INTERPRET=1``) or ``auto`` (triton on a CUDA model, else torch).
+        Every method runs on both.
     probe_every: every k-th decode step, compare each sparse layer's attention for the current
         query with dense attention (mass recall, output error; costs a dense read); 0 = never.
         Probed steps run eagerly.
@@ -114,8 +116,10 @@ class Engine:
     ) -> None:
         if not isinstance(page_size, int) or page_size < 1 or page_size & (page_size - 1):
             raise ConfigError(f"engine.page_size must be a power of two (1, 2, 4, ..., 16, ...), got {page_size!r}")
+        param = next(model.parameters())
+        backend = resolve_backend(backend, param.device)
         if backend not in BACKENDS:
-            raise ConfigError(f"engine.backend={backend} is not available; allowed: {', '.join(BACKENDS)}")
+            raise ConfigError(f"engine.backend={backend} is not available; allowed: auto, {', '.join(BACKENDS)}")
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ConfigError(f"engine.prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
         self.model = model
@@ -166,8 +170,11 @@ class Engine:
         finally:
             self.model.config._attn_implementation = previous
 
-    def new_request(self, max_tokens: int, batch_size: int = 1, record_steps: bool = False) -> Request:
-        """Fresh cache, method state and accounting for ``batch_size`` sequences of up to ``max_tokens``."""
+    def new_request(
+        self, max_tokens: int, batch_size: int = 1, record_steps: bool = False, eager: bool = False
+    ) -> Request:
+        """Fresh cache, method state and accounting for ``batch_size`` sequences of up to ``max_tokens``
+        (``eager``: decode steps are never captured in CUDA graphs)."""
         if max_tokens > self.max_context:
             raise ConfigError(
                 f"prompt + max_new_tokens = {max_tokens} tokens exceeds the model's context of {self.max_context}"
@@ -181,6 +188,7 @@ class Engine:
             state=self.method.new_state(self.spec, batch_size, cache.capacity, self.device),
             acct=Accounting(self.spec.num_layers, batch_size, self.device),
             history=[] if record_steps else None,
+            eager=eager,
         )
 
     def _forward_ctx(self, request: Request, phase: str, **tensors: Any) -> Forward:
@@ -225,7 +233,7 @@ class Engine:
             call = Call(self.method, fwd, probes={})
             logits = self._run(ids, call)
             self._keep_probes(request, steps[0], call.probes)
-        elif self.graphs_enabled:
+        elif self.graphs_enabled and not request.eager:
             if S not in request.graphs:
                 mutable = state_tensors(request.state) + request.acct.tensors()
                 request.graphs[S] = GraphRunner(lambda x: self._run(x, Call(self.method, fwd)), mutable, ids)
@@ -254,7 +262,6 @@ class Engine:
             plan={k: torch.tensor(v, dtype=torch.int64, device=dev) for k, v in plan.items()},
             last_chunk=last_chunk,
         )  # fmt: skip
-        request.prompt_tokens = int(ends.max())
         return self._run(input_ids.to(dev), Call(self.method, fwd))
 
     def _keep_probes(self, request: Request, step: int, probes: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -310,63 +317,54 @@ class Engine:
             raise ValueError("prompt_ids is empty: the engine needs at least one prompt token")
         if stop_strings and decode is None:
             raise ValueError("stop_strings need a decode function")
-        if teacher_tokens is not None:
-            max_new_tokens = len(teacher_tokens)
-        window = self.method.reprocess_window
-        request = self.new_request(len(prompt_ids) + max_new_tokens)
-        generator = None
-        if sampling.temperature > 0:
-            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
-        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
-        L0 = ids.shape[1]
-        kept: list[torch.Tensor] = []
-        tokens: list[int] = []
-        eos = set(int(e) for e in eos_token_ids)
-        tail = max((len(s) for s in stop_strings), default=0) + 16
+        stream = Stream(len(prompt_ids), max_new_tokens, sampling, self.device, eos_token_ids, stop_strings, decode,
+                        teacher_tokens, keep_logits, on_token)  # fmt: skip
+        request = self.new_request(len(prompt_ids) + stream.max_new_tokens)
+        start(self, request, stream, prompt_ids, until=stream.max_new_tokens)
+        return self.finish(request, stream)
 
-        _sync(self.device)
-        t0 = time.perf_counter()
-        logits = self.prefill(request, ids)
-        step_times: list[float] = []
-        finish = "length"
-        ttft = 0.0
-        for n in range(max_new_tokens):
-            if n > 0:  # decode step n-1 feeds token n-1 (plus the retrospective window)
-                t_step = time.perf_counter()
-                lo = max(0, n - window)
-                feed = torch.tensor([tokens[lo:n]], dtype=torch.long, device=self.device)
-                pos = torch.arange(L0 + lo, L0 + n).unsqueeze(0)
-                logits = self.forward(request, feed, pos, "decode", n - 1)
-            if keep_logits:
-                kept.append(logits[0].clone())
-            token = int(teacher_tokens[n]) if teacher_tokens is not None else sample_next(logits[0], sampling, generator)
-            tokens.append(token)
-            _sync(self.device)
-            if n == 0:
-                ttft = time.perf_counter() - t0
-            else:
-                step_times.append(time.perf_counter() - t_step)
-            if on_token is not None:
-                on_token(len(tokens))
-            if teacher_tokens is not None:
-                finish = "teacher"
-                continue
-            if token in eos:
-                finish = "eos"
-                break
-            if stop_strings and any(s in decode(tokens[-tail:]) for s in stop_strings):
-                finish = "stop"
-                break
+    def generate_batch(
+        self,
+        jobs: Sequence[Job],
+        batch_size: int,
+        on_done: Callable[[int, Generation], None],
+        *,
+        eos_token_ids: Sequence[int] = (),
+        stop_strings: Sequence[str] = (),
+        decode: Callable[[list[int]], str] | None = None,
+    ) -> None:
+        """Generate every job, up to ``batch_size`` at once with continuous batching
+        (:func:`retrobench.engine.batch.generate_batch`); ``on_done(index, generation)`` as each finishes."""
+        generate_batch(self, jobs, batch_size, on_done, eos_token_ids=eos_token_ids, stop_strings=stop_strings,
+                       decode=decode)  # fmt: skip
+
+    def finish(self, request: Request, stream: Stream, b: int = 0) -> Generation:
+        """The :class:`Generation` of ``stream``, decoded in row ``b`` of ``request`` (one accounting read)."""
         return Generation(
-            tokens=tokens,
-            finish_reason=finish,
-            prompt_tokens=L0,
-            ttft_s=ttft,
-            step_times_s=step_times,
-            stats=self._summarize(request),
-            logits=torch.stack(kept) if keep_logits else None,
-            probes=self.probe_records(request),
+            tokens=stream.tokens,
+            finish_reason=stream.finish,
+            prompt_tokens=stream.prompt_len,
+            ttft_s=stream.ttft,
+            step_times_s=stream.step_times,
+            stats=self._summarize(request, b, stream.prompt_len),
+            logits=torch.stack(stream.kept) if stream.keep_logits and stream.kept else None,
+            probes=self.probe_records(request) if b == 0 else [],
         )
+
+    def copy_row(self, dst: Request, b: int, src: Request, a: int) -> None:
+        """Copy sequence ``a`` of ``src`` (cache pages, method state, accounting) into row ``b`` of ``dst``."""
+        dst.cache.copy_sequence(b, src.cache, a)
+        self.method.copy_row(dst.state, b, src.state, a, self.spec, dst.cache.capacity)
+        dst.acct.copy_row(b, src.acct, a)
+
+    def sync(self) -> None:
+        """Wait for the device (timing)."""
+        _sync(self.device)
+
+    def synced_clock(self) -> float:
+        """``time.perf_counter()`` once the device has finished its queued work."""
+        _sync(self.device)
+        return time.perf_counter()
 
     @staticmethod
     def probe_records(request: Request) -> list[dict[str, Any]]:
@@ -377,12 +375,12 @@ class Engine:
             for p in request.probes
         ]  # fmt: skip
 
-    def _summarize(self, request: Request, b: int = 0) -> dict[str, float]:
+    def _summarize(self, request: Request, b: int, prompt_tokens: int) -> dict[str, float]:
         """Sequence ``b``'s means over decode steps (one read of the device accounting), plus memory."""
         out = request.acct.means()[b]
         if "context" in out and not getattr(self.method, "reports_exposure", False):
             out["exposure"] = 1.0  # every query sees exactly its own selection
-        resident = request.acct.latest("resident_kv")[b] if "context" in out else float(request.prompt_tokens)
+        resident = request.acct.latest("resident_kv")[b] if "context" in out else float(prompt_tokens)
         out["kv_bytes"] = float(resident) * request.cache.bytes_per_token()
         if self.device.type == "cuda":
             out["peak_memory_bytes"] = float(torch.cuda.max_memory_allocated(self.device))
