@@ -205,7 +205,12 @@ def grid(entry: Entry, results_dir: str, extra: list[str]) -> list[list[str]]:
 
 
 def run_folders(entry: Entry, results_dir: str, extra: list[str]) -> list[Path]:
-    """The result-store folder of every job of the entry (composes each job's config; runs nothing).
+    """The result-store folder of every job of the entry (composes each job's config; runs nothing)."""
+    return [folder for folder, _ in run_configs(entry, results_dir, extra)]
+
+
+def run_configs(entry: Entry, results_dir: str, extra: list[str]) -> list[tuple[Path, Any]]:
+    """``(folder, composed config)`` of every job of the entry.
 
     Jobs that choose the same config groups (model, method, task, experiment...) share one
     composition; each job's value overrides (``seed=1``, ``method.window=4``) are then applied to a
@@ -229,7 +234,8 @@ def run_folders(entry: Entry, results_dir: str, extra: list[str]) -> list[Path]:
             groups = tuple(o for o, p in zip(job, parsed) if (root / p.key_or_group).is_dir())
             values = [(o, p) for o, p in zip(job, parsed) if o not in groups]
             if any(p.is_add() or p.is_delete() or p.is_force_add() for _, p in values):
-                folders.append(results.run_dir(compose("config", overrides=job)))
+                cfg = compose("config", overrides=job)
+                folders.append((results.run_dir(cfg), cfg))
                 continue
             if groups not in composed:
                 composed[groups] = compose("config", overrides=list(groups))
@@ -237,29 +243,77 @@ def run_folders(entry: Entry, results_dir: str, extra: list[str]) -> list[Path]:
             with open_dict(cfg):
                 for _, override in values:
                     OmegaConf.update(cfg, override.key_or_group, override.value(), merge=False)
-            folders.append(results.run_dir(cfg))
+            folders.append((results.run_dir(cfg), cfg))
     return folders
 
 
-def plan(items: list[Entry], results_dir: str, extra: list[str]) -> list[dict[str, int]]:
-    """Per entry: jobs, distinct runs first seen here, runs shared with earlier entries, finished runs."""
+def plan(items: list[Entry], results_dir: str, extra: list[str]) -> list[dict[str, Any]]:
+    """Per entry: jobs, distinct runs first seen here, runs shared with earlier entries, finished runs,
+    and per model the tokens its unfinished runs decode at most (``Task.workload``)."""
+    from hydra.utils import instantiate
+
     from retrobench import results
 
     seen: set[Path] = set()
     out = []
     for entry in items:
-        folders = run_folders(entry, results_dir, extra)
-        new = [f for f in dict.fromkeys(folders) if f not in seen]
+        jobs = run_configs(entry, results_dir, extra)
+        configs = dict(jobs)
+        new = [f for f in configs if f not in seen]
         seen.update(new)
-        out.append(
-            {
-                "jobs": len(folders),
-                "new": len(new),
-                "shared": len(folders) - len(new),
-                "finished": sum(results.finished(f) for f in new),
-            }
-        )
+        tokens: dict[str, int] = {}
+        for folder in new:
+            if results.finished(folder):
+                continue
+            cfg = configs[folder]
+            samples, per_sample = instantiate(cfg.task, _convert_="all").workload()
+            model = str(cfg.model.get("name"))
+            tokens[model] = tokens.get(model, 0) + samples * per_sample
+        out.append({
+            "jobs": len(jobs),
+            "new": len(new),
+            "shared": len(jobs) - len(new),
+            "finished": sum(results.finished(f) for f in new),
+            "tokens": tokens,
+        })  # fmt: skip
     return out
+
+
+#: Where ``make gpu-batch`` writes its measured batched throughput (a clone has the committed one).
+BATCH_BENCH = Path(__file__).resolve().parent.parent / "results" / "bench" / "batch.csv"
+
+
+def measured_throughput(path: Path = BATCH_BENCH) -> dict[str, Any] | None:
+    """The batched row of ``bench_batch``'s table: tokens/s with what it was measured on."""
+    import csv
+
+    if not path.is_file():
+        return None
+    rows = [r for r in csv.DictReader(path.open()) if r.get("batch_size") not in (None, "", "1") and r.get("tokens_per_s")]
+    return {**rows[0], "tokens_per_s": float(rows[0]["tokens_per_s"])} if rows else None
+
+
+def gpu_time_lines(tokens: dict[str, int], rate: dict[str, Any] | None) -> list[str]:
+    """The plan's GPU time: decode tokens per model at the measured batched throughput."""
+    if not tokens:
+        return ["GPU time: every planned run is finished"]
+    total = sum(tokens.values())
+    if rate is None:
+        return [f"GPU time: {total / 1e6:.2f}M tokens to decode at most; no measured throughput "
+                f"({BATCH_BENCH.relative_to(BATCH_BENCH.parents[2])}: run make gpu-batch on a GPU)"]  # fmt: skip
+    tps = rate["tokens_per_s"]
+    lines = [
+        f"GPU time (an upper bound: every sample decodes its full max_new_tokens) at {tps:.0f} tokens/s, the batched "
+        f"throughput bench_batch measured ({rate.get('method')} on {rate.get('model')}, {rate.get('task')}, batch "
+        f"{rate.get('batch_size')}, {rate.get('device')}, git {str(rate.get('git_sha'))[:7]}; prefill included):"
+    ]
+    for model, n in sorted(tokens.items(), key=lambda kv: -kv[1]):
+        amount = f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+        lines.append(f"  {model}: {amount} tokens, {n / tps / 3600:.2f} GPU-h")
+    lines.append(f"  total: {total / 1e6:.2f}M tokens, {total / tps / 3600:.2f} GPU-h at that rate; decode is bound by "
+                 "weight reads, so a model k times the 8B one's size takes about k times longer (Qwen2.5-14B ~1.8x, "
+                 "32B ~4x), and longer prompts than the measured run's add prefill time")  # fmt: skip
+    return lines
 
 
 # ---- running --------------------------------------------------------------------------------------
@@ -400,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"reproduce: profile={profile}, {len(items)} experiments, results in {results_dir}", flush=True)
     if args.dry_run:
+        tokens: dict[str, int] = {}
         for i, (entry, counts) in enumerate(zip(items, plan(items, results_dir, args.overrides)), 1):
             print(
                 f"[{i}/{len(items)}] {entry.name} (task={entry.task}): {counts['jobs']} runs = "
@@ -407,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             args_ = ["run", *entry.args(results_dir, args.overrides)]
             print("  $ python -m retrobench " + " ".join(_quote(a) for a in args_))
+            for model, n in counts["tokens"].items():
+                tokens[model] = tokens.get(model, 0) + n
+        print("\n".join(gpu_time_lines(tokens, measured_throughput())))
         return 0
 
     started = time.perf_counter()

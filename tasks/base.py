@@ -68,6 +68,11 @@ class Task:
     def score(self, sample: Sample, output: str) -> dict[str, float]:
         raise NotImplementedError
 
+    def workload(self) -> tuple[int, int]:
+        """``(samples, tokens decoded per sample at most)`` of one run, from the settings alone (no
+        data read): what ``make reproduce-plan`` turns into GPU time."""
+        return self.num_samples, int(self.max_new_tokens)
+
     def settings(self) -> dict[str, Any]:
         from dataclasses import asdict
 

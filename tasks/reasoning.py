@@ -54,6 +54,8 @@ from retrobench.tasks.graders import (
 )
 
 BENCHMARKS = ("aime24", "gpqa_diamond", "math500", "gsm8k_cot")
+#: Questions of each benchmark's hub split (``num_questions: null`` runs all of them).
+HUB_SIZES = {"aime24": 30, "gpqa_diamond": 198, "math500": 500, "gsm8k_cot": 1319}
 SOURCES = ("hub", "local")
 LETTERS = "ABCD"
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -131,6 +133,10 @@ class ReasoningTask(Task):
             raise TaskConfigError(f"task.path={self.path!r} is only used with task.source=local")
         if not isinstance(self.chat_template, bool):
             raise TaskConfigError(f"task.chat_template must be true or false, got {self.chat_template!r}")
+
+    def workload(self) -> tuple[int, int]:
+        questions = self.num_questions or HUB_SIZES[self.benchmark]
+        return questions * self.samples_per_question, int(self.max_new_tokens)
 
     def settings(self) -> dict[str, Any]:
         fields = asdict(self)

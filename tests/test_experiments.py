@@ -168,6 +168,38 @@ def test_plan_writes_nothing_and_answers_fast(tmp_path: Path) -> None:
     assert "distinct" in proc.stdout and time.perf_counter() - started < 30
 
 
+def test_plan_states_gpu_time_at_the_measured_throughput(tmp_path: Path) -> None:
+    """Per model, the planned runs' decode tokens (samples x max_new_tokens, unfinished runs only)
+    over the batched tokens/s of bench_batch's table."""
+    entry = next(e for e in reproduce.entries("paper") if e.task == "reasoning")
+    (counts,) = reproduce.plan([entry], str(tmp_path), ["seed=0"])
+    jobs = reproduce.run_configs(entry, str(tmp_path), ["seed=0"])
+    from hydra.utils import instantiate
+
+    expected: dict[str, int] = {}
+    for _, cfg in jobs:
+        samples, per = instantiate(cfg.task, _convert_="all").workload()
+        expected[cfg.model.name] = expected.get(cfg.model.name, 0) + samples * per
+    assert counts["tokens"] == expected and sum(expected.values()) > 0
+    table = tmp_path / "batch.csv"
+    table.write_text("method,task,batch_size,samples,new_tokens,wall_s,tokens_per_s,model,device,git_sha\n"
+                     "retro,longgenbench,64,64,32768,40.0,1000.0,llama31_8b_random,GPU,abc1234\n"
+                     "retro,longgenbench,1,8,4096,64.0,64.0,llama31_8b_random,GPU,abc1234\n")  # fmt: skip
+    rate = reproduce.measured_throughput(table)
+    assert rate is not None and rate["tokens_per_s"] == 1000.0 and rate["batch_size"] == "64"
+    lines = reproduce.gpu_time_lines({"a": 3_600_000, "b": 7_200_000}, rate)
+    assert "1000 tokens/s" in lines[0] and "batch 64" in lines[0]
+    assert lines[1] == "  b: 7.20M tokens, 2.00 GPU-h" and lines[2] == "  a: 3.60M tokens, 1.00 GPU-h"
+    assert "total: 10.80M tokens, 3.00 GPU-h" in lines[3]
+    assert "no measured throughput" in reproduce.gpu_time_lines({"a": 1}, None)[0]
+    # finished runs need no GPU time
+    folder = jobs[0][0]
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text("{}")
+    (again,) = reproduce.plan([entry], str(tmp_path), ["seed=0"])
+    assert sum(again["tokens"].values()) < sum(expected.values())
+
+
 def test_offline_reasoning_data_grades(tmp_path: Path) -> None:
     from retrobench.tasks.reasoning import ReasoningTask
 
