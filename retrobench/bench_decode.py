@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import math
 import statistics
 import sys
@@ -269,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             if time.perf_counter() - t_start > args.deadline_s:
                 print(f"deadline reached: skipping the rest from {name} ctx={context} B={batch}", flush=True)
                 break
-            if cuda:
+            if cuda:  # the previous configuration's cache, graphs and their memory pools
+                gc.collect()
                 torch.cuda.empty_cache()
             need = 2 * spec.num_layers * batch * context * 2 * spec.num_kv_heads * spec.head_dim
             free = torch.cuda.mem_get_info()[0] if cuda else 1 << 62

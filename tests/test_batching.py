@@ -135,3 +135,28 @@ def test_batched_cuda_graphs_equal_batch_one_gpu(tiny_random, name: str) -> None
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     assert_same(ours, ref, name)
+
+
+@pytest.mark.parametrize("name", ["retro-quest-w2", "infllm-layer"])
+def test_requests_are_freed_without_the_garbage_collector(tiny_random, name: str) -> None:
+    """A request holds no reference cycle: its cache and state go as soon as it is dropped (a batched
+    run starts every sequence on its own request; on a GPU a lingering one holds a whole cache)."""
+    import gc
+    import weakref
+
+    model, _ = tiny_random
+    engine = Engine(model, make_case(name), page_size=8, prefill_chunk=32)
+    job = _jobs(model.config.vocab_size, n=1)[0]
+    gc.collect()
+    gc.disable()
+    try:
+        request = engine.new_request(len(job.prompt_ids) + 4)
+        from retrobench.engine.batch import Stream, start
+
+        start(engine, request, Stream(len(job.prompt_ids), 4, job.sampling, engine.device), job.prompt_ids, until=4)
+        assert request.buffers is not None  # decode steps ran
+        gone = weakref.ref(request.cache)
+        del request
+        assert gone() is None, "the request's cache outlived it (a reference cycle)"
+    finally:
+        gc.enable()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -221,9 +222,10 @@ class Engine:
         plan = self.method.plan(request.state, ends, steps, phase, last_chunk)
         if phase == "prefill":
             return self._prefill_forward(request, input_ids, positions, plan, last_chunk)
-        if request.buffers is None:
-            request.buffers = StepBuffers(B, self.method.reprocess_window, sorted(plan),
-                                          lambda **t: self._forward_ctx(request, "decode", **t), self.device)  # fmt: skip
+        if request.buffers is None:  # no reference back to the request: it is freed as soon as it is dropped
+            make = functools.partial(make_forward, "decode", self.ops, request.cache, request.state, self.spec,
+                                     self.scaling, request.acct)  # fmt: skip
+            request.buffers = StepBuffers(B, self.method.reprocess_window, sorted(plan), make, self.device)
         request.buffers.load(positions, steps, self.page_size, plan)
         fwd = request.buffers.forward(S)
         self.method.prepare(fwd)
