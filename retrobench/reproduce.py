@@ -150,7 +150,9 @@ def write_offline_data(folder: Path, questions: int = 30) -> None:
     ``aime24.jsonl``: templated two-step arithmetic word problems with integer answers;
     ``gpqa_diamond.jsonl``: 4-option questions (categories, capitals, sums ...). Both come from the
     LongGenBench synthetic generators (exact answers), seeded, so the files are identical on every
-    machine and rewritten only when missing.
+    machine and rewritten only when missing. ``livecodebench.jsonl``: small stdin programs (sum,
+    maximum, reversal of n numbers) and one LeetCode-style function, in LiveCodeBench's fields and
+    inside v5's date window, their tests computed here.
     """
     from retrobench.tasks.longgenbench_data import choice_problem, gsm8k_problem
 
@@ -177,6 +179,40 @@ def write_offline_data(folder: Path, questions: int = 30) -> None:
                 {"id": f"offline-gpqa-{i}", "question": question, "choices": choices, "answer": item.gold}
             )
         _write_jsonl(path, rows)
+    path = folder / "livecodebench.jsonl"
+    if not path.is_file():
+        _write_jsonl(path, offline_code_problems(questions))
+
+
+def offline_code_problems(count: int) -> list[dict[str, Any]]:
+    """Stand-in LiveCodeBench problems (stdin and functional) with computed tests, seeded."""
+    rng = random.Random("retrobench.reproduce/livecodebench")
+    kinds = [("sum", "print the sum", sum), ("max", "print the largest", max),
+             ("reverse", "print them in reverse order, space-separated", None)]  # fmt: skip
+    rows = []
+    for i in range(count):
+        name, what, fn = kinds[i % len(kinds)]
+        tests = []
+        for _ in range(4):
+            xs = [rng.randint(-50, 50) for _ in range(rng.randint(1, 6))]
+            out = " ".join(map(str, reversed(xs))) if fn is None else str(fn(xs))
+            tests.append({"input": f"{len(xs)}\n{' '.join(map(str, xs))}\n", "output": out + "\n", "testtype": "stdin"})
+        rows.append({
+            "question_id": f"offline-lcb-{i}", "question_title": name, "platform": "atcoder", "contest_id": "offline",
+            "question_content": f"The first line holds n, the second n integers. {what.capitalize()} of the n integers.",
+            "contest_date": f"2024-{8 + i % 5:02d}-{1 + i % 28:02d}T00:00:00", "starter_code": "", "difficulty": "easy",
+            "public_test_cases": json.dumps(tests[:1]), "private_test_cases": json.dumps(tests[1:]), "metadata": "{}",
+        })  # fmt: skip
+    tests = [{"input": json.dumps(xs), "output": json.dumps(sorted(xs)), "testtype": "functional"}
+             for xs in ([3, 1, 2], [5], [], [-1, 4, -9])]  # fmt: skip
+    rows.append({
+        "question_id": "offline-lcb-sort", "question_title": "sort", "platform": "leetcode", "contest_id": "offline",
+        "question_content": "Return the list nums sorted in ascending order.", "contest_date": "2024-09-15T00:00:00",
+        "starter_code": "class Solution:\n    def sortList(self, nums: list[int]) -> list[int]:\n        ",
+        "difficulty": "easy", "public_test_cases": json.dumps(tests[:1]), "private_test_cases": json.dumps(tests[1:]),
+        "metadata": json.dumps({"func_name": "sortList"}),
+    })  # fmt: skip
+    return rows
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

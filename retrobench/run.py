@@ -21,10 +21,13 @@ launcher each job on ``device: cuda`` claims a whole free GPU first (:mod:`retro
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -274,25 +277,21 @@ def execute(cfg: DictConfig) -> Path | None:
             wandb_run.log({f"sample/{k}": v for k, v in row["score"].items() if isinstance(v, (int, float))})
         return row
 
+    background = bool(getattr(task, "background_scoring", False)) and bool(jobs)
+    grader = ThreadPoolExecutor(max_workers=os.cpu_count() or 1) if background else None
     try:
-        if batch > 1:  # continuous batching; a sample's wall_s is the time since the previous one finished
-            t_start, clock, tokens = time.perf_counter(), [time.perf_counter()], [0]
-
-            def on_done(i: int, gen: Any) -> None:
-                index, sample = todo[i]
-                now = time.perf_counter()
-                store(index, sample, generate_row(ctx, sample, gen), now - clock[0])
-                clock[0], tokens[0] = now, tokens[0] + len(gen.tokens)
-                progress.finish_batched(tokens[0], now - t_start, batch)
-
-            engine.generate_batch(jobs, batch, on_done, eos_token_ids=ctx.eos, stop_strings=tuple(task.stop),
-                                  decode=tokenizer.decode)  # fmt: skip
-        for index, sample in todo if batch == 1 else ():
-            progress.begin()
-            started = time.perf_counter()
-            part = run_sample(ctx, sample, seed, progress.on_token)
-            row = store(index, sample, part, time.perf_counter() - started)
-            progress.finish_sample(int(row["new_tokens"]), sum(row["step_times_s"]))
+        try:
+            if batch > 1 or background:  # a sample's wall_s is the time since the previous one was stored
+                _generate_all(ctx, engine, jobs, todo, batch, grader, store, progress)
+            for index, sample in todo if batch == 1 and not background else ():
+                progress.begin()
+                started = time.perf_counter()
+                part = run_sample(ctx, sample, seed, progress.on_token)
+                row = store(index, sample, part, time.perf_counter() - started)
+                progress.finish_sample(int(row["new_tokens"]), sum(row["step_times_s"]))
+        finally:
+            if grader is not None:  # interrupted: queued gradings are dropped (their samples rerun on resume)
+                grader.shutdown(wait=True, cancel_futures=True)
     except ConfigError as exc:  # e.g. a prompt longer than the engine's limit; finished samples stay
         progress.close()
         fail(str(exc))
@@ -337,6 +336,35 @@ def execute(cfg: DictConfig) -> Path | None:
     if _single_run():  # a multirun (and make reproduce) keeps one line per run
         print(run_summary(cfg, method, task, summary, folder), flush=True)
     return folder
+
+
+def _generate_all(ctx: RunContext, engine: Any, jobs: list[Any], todo: list[tuple[int, Any]], batch: int,
+                  grader: ThreadPoolExecutor | None, store: Any, progress: _Progress) -> None:
+    """Generate every job (continuous batching at ``batch``) and store each sample as it is scored:
+    in the decode loop, or, with a ``grader`` pool (tasks whose scoring runs programs), in a grader
+    thread while the engine decodes the next samples."""
+    t_start, clock, tokens, lock = time.perf_counter(), [time.perf_counter()], [0], threading.Lock()
+    graded: list[Any] = []
+
+    def finish(index: int, sample: Any, gen: Any) -> None:
+        part = generate_row(ctx, sample, gen)
+        with lock:
+            now = time.perf_counter()
+            store(index, sample, part, now - clock[0])
+            clock[0], tokens[0] = now, tokens[0] + len(gen.tokens)
+            progress.finish_batched(tokens[0], now - t_start, batch)
+
+    def on_done(i: int, gen: Any) -> None:
+        index, sample = todo[i]
+        if grader is not None:
+            graded.append(grader.submit(finish, index, sample, gen))
+        else:
+            finish(index, sample, gen)
+
+    engine.generate_batch(jobs, batch, on_done, eos_token_ids=ctx.eos, stop_strings=tuple(ctx.task.stop),
+                          decode=ctx.tokenizer.decode)  # fmt: skip
+    for future in graded:
+        future.result()  # a grader error surfaces here
 
 
 def batch_size(value: Any, engine: Any, jobs: list[Any]) -> int:

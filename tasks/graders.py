@@ -17,6 +17,12 @@ Why: pass@1 is only as good as its grader: exact string matching undercounts (``
   agree at three fixed points. Percent rule: ``p%`` equals both ``p`` and ``p/100`` (so ``10%``
   == ``10`` and ``10%`` == ``0.1``, but ``10`` != ``0.1``). Last resort: ``sympy.parsing.latex``
   only when its parser backend (lark or antlr4) is importable; otherwise skipped.
+- ``math_verify_equal``: the same decision by ``math-verify`` (the library the R1-distill
+  evaluations grade with; the reasoning task's default, ``task.math_grader=math_verify``), each
+  answer given to it as ``\\boxed{...}`` with a raw ``%`` escaped and sentence punctuation dropped,
+  parse and comparison under a timeout (seconds; signals only work in the main thread, so in
+  other threads the comparison runs without one). ``tests/test_graders.py`` runs both on the same
+  53-pair table and states, where they disagree, which is right and why.
 - ``extract_choice``: a multiple-choice letter ("The answer is (C)", "Answer: C", ``\\boxed{C}``,
   "**C**", else the last standalone valid letter).
 - ``extract_final_number``: GSM8K numbers ("#### 42", "The answer is 42", ``\\boxed{42}``, else the
@@ -384,6 +390,26 @@ def _equal(p: str, g: str, p_pct: bool, g_pct: bool) -> bool:
     if pv is not None and gv is not None:
         return pv[0] == gv[0] and any(all(map(_close, a, b)) for a in pv[1] for b in gv[1])
     return bool(_sympy_equal(p, g))
+
+
+def _for_math_verify(answer: object) -> str:
+    text = str(answer).strip().rstrip(".").strip()
+    return re.sub(r"(?<!\\)%", r"\\%", text)  # a raw % starts a LaTeX comment
+
+
+def math_verify_equal(pred: object, gold: object, timeout_s: int = 5) -> bool:
+    """``math-verify``'s verdict on ``pred`` against ``gold`` (False on a parse failure or timeout)."""
+    import threading
+
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    if pred is None or gold is None or not str(pred).strip() or not str(gold).strip():
+        return False
+    timeout = timeout_s if threading.current_thread() is threading.main_thread() else None
+    config = [LatexExtractionConfig(), ExprExtractionConfig()]
+    parsed = [parse("\\boxed{" + _for_math_verify(a) + "}", extraction_config=config, parsing_timeout=timeout)
+              for a in (gold, pred)]  # fmt: skip
+    return bool(verify(parsed[0], parsed[1], timeout_seconds=timeout))
 
 
 def math_equal(pred: object, gold: object) -> bool:

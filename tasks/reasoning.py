@@ -13,8 +13,10 @@ of tokens are where a method that drops the wrong keys loses accuracy. Benchmark
 
 Math prompts end with the R1-style instruction "Please reason step by step, and put your final
 answer within \\boxed{}."; GPQA lists the options (A)-(D) and asks for "The answer is (X)". Graders
-are in :mod:`retrobench.tasks.graders` (math: last ``\\boxed{}`` + :func:`math_equal`; GSM8K: boxed
-else :func:`extract_final_number`; GPQA: :func:`extract_choice`). Text after a ``</think>`` tag is
+are in :mod:`retrobench.tasks.graders` (math: the last ``\\boxed{}``, compared by
+:func:`math_verify_equal` (``task.math_grader=math_verify``, default) or :func:`math_equal`
+(``retrobench``); GSM8K: boxed else :func:`extract_final_number`, then the same comparison; GPQA:
+:func:`extract_choice`). Text after a ``</think>`` tag is
 graded when present (reasoning models), else the whole output.
 
 pass@1: ``samples()`` returns every question ``samples_per_question`` (k) times, with ids
@@ -32,11 +34,19 @@ texts; ``answer`` is the correct option's text or its letter) for gpqa_diamond, 
 file order), so different run seeds see different subsets when N is set.
 
 ``num_samples`` of the base task is not used: a run has num_questions x samples_per_question
-samples. LiveCodeBench is NOT implemented: it needs a sandboxed code-execution grader.
+samples.
+
+- ``livecodebench``: LiveCodeBench code generation (:mod:`retrobench.tasks.livecodebench`):
+  ``task.version_tag`` and the date window ``task.start_date`` / ``task.end_date`` pick the problems
+  (v5's by default), each candidate program is graded in a sandbox
+  (:mod:`retrobench.tasks.sandbox`; ``task.test_timeout_s``, ``task.problem_timeout_s``,
+  ``task.memory_mb``). Its scoring runs programs, so the run layer grades its samples in background
+  threads (``background_scoring``) while the GPU decodes the next ones.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -45,18 +55,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from retrobench.tasks import livecodebench as lcb
 from retrobench.tasks.base import Sample, Task, TaskConfigError, TextTokenizer
 from retrobench.tasks.graders import (
     extract_boxed,
     extract_choice,
     extract_final_number,
     math_equal,
+    math_verify_equal,
 )
 
-BENCHMARKS = ("aime24", "gpqa_diamond", "math500", "gsm8k_cot")
-#: Questions of each benchmark's hub split (``num_questions: null`` runs all of them).
-HUB_SIZES = {"aime24": 30, "gpqa_diamond": 198, "math500": 500, "gsm8k_cot": 1319}
+BENCHMARKS = ("aime24", "gpqa_diamond", "math500", "gsm8k_cot", "livecodebench")
+#: Questions of each benchmark's hub split (``num_questions: null`` runs all of them); LiveCodeBench's
+#: depends on the release and window: 279 is an estimate of v5's 2024-08..2025-01 window, for planning only.
+HUB_SIZES = {"aime24": 30, "gpqa_diamond": 198, "math500": 500, "gsm8k_cot": 1319, "livecodebench": 279}
 SOURCES = ("hub", "local")
+#: Math answer graders: math-verify (the field's library), or retrobench's own rules (graders.py).
+MATH_GRADERS = ("math_verify", "retrobench")
 LETTERS = "ABCD"
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CHOICE_INSTRUCTION = (
@@ -108,6 +123,13 @@ class ReasoningTask(Task):
     max_new_tokens: int = 4096
     stop: list[str] = field(default_factory=list)
     chat_template: bool = True
+    version_tag: str = "release_v5"
+    start_date: str | None = "2024-08-01"
+    end_date: str | None = "2025-02-01"
+    test_timeout_s: float = 6.0
+    problem_timeout_s: float = 60.0
+    memory_mb: int = 1024
+    math_grader: str = "math_verify"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,6 +155,28 @@ class ReasoningTask(Task):
             raise TaskConfigError(f"task.path={self.path!r} is only used with task.source=local")
         if not isinstance(self.chat_template, bool):
             raise TaskConfigError(f"task.chat_template must be true or false, got {self.chat_template!r}")
+        if self.math_grader not in MATH_GRADERS:
+            raise TaskConfigError(f"task.math_grader={self.math_grader!r} is not a grader; allowed: {', '.join(MATH_GRADERS)}")
+        if self.math_grader == "math_verify" and importlib.util.find_spec("math_verify") is None:
+            raise TaskConfigError("task.math_grader=math_verify needs the math-verify package: pip install "
+                                  "'math-verify[antlr4_9_3]', or task.math_grader=retrobench")  # fmt: skip
+        for key in ("test_timeout_s", "problem_timeout_s", "memory_mb"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise TaskConfigError(f"task.{key} must be a number > 0, got {value!r}")
+        for key in ("start_date", "end_date"):
+            if getattr(self, key) is not None:
+                lcb.in_window([], getattr(self, key) if key == "start_date" else None,
+                              getattr(self, key) if key == "end_date" else None)  # fmt: skip
+        self._problems: dict[str, dict[str, Any]] = {}
+
+    @property
+    def background_scoring(self) -> bool:
+        """LiveCodeBench runs programs to score: the run layer grades in background threads."""
+        return self.benchmark == "livecodebench"
+
+    def limits(self) -> lcb.Limits:
+        return lcb.Limits(float(self.test_timeout_s), float(self.problem_timeout_s), int(self.memory_mb))
 
     def workload(self) -> tuple[int, int]:
         questions = self.num_questions or HUB_SIZES[self.benchmark]
@@ -147,12 +191,51 @@ class ReasoningTask(Task):
 
     def questions(self) -> list[dict[str, Any]]:
         """All questions of the benchmark: dicts with ``id``, ``question``, ``answer`` [, ``choices``]."""
+        if self.benchmark == "livecodebench":
+            return self._code_problems()
         rows = self._load_hub() if self.source == "hub" else self._load_local()
         if not rows:
             raise TaskConfigError(
                 f"task.benchmark={self.benchmark}: the {self.source} source has no questions"
             )
         return rows
+
+    def _code_problems(self) -> list[dict[str, Any]]:
+        """LiveCodeBench problems of the release and date window (kept by id for grading)."""
+        if self.source == "hub":
+            where = f"{lcb.HUB_ID} (version_tag {self.version_tag})"
+            try:
+                import datasets  # noqa: F401
+            except ImportError:
+                raise TaskConfigError(f"task.source=hub needs the `datasets` package to load {where}: pip install "
+                                      "datasets, or use task.source=local task.path=<problems.jsonl>") from None  # fmt: skip
+            try:
+                rows = lcb.load_hub(self.version_tag)
+            except Exception as exc:  # noqa: BLE001 - offline, renamed, script refused: one line
+                offline = " (offline: HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set)" if _offline() else ""
+                raise TaskConfigError(
+                    f"task.source=hub could not load {where}{offline}: {type(exc).__name__}: {_one_line(exc, 160)}; "
+                    "download it once with network access, or use task.source=local task.path=<problems.jsonl>"
+                ) from None
+            problems = [lcb.parse_problem(r, f"{lcb.HUB_ID} row {i}") for i, r in enumerate(rows)]
+        else:
+            path = Path(str(self.path)).expanduser()
+            if not path.is_file():
+                raise TaskConfigError(f"task.path={str(self.path)!r} is not a file (task.source=local needs a JSONL file)")
+            problems = []
+            for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    where = f"task.path={path}: line {line_no}"
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise TaskConfigError(f"{where} is not JSON ({exc.msg})") from None
+                    problems.append(lcb.parse_problem(row, where))
+        problems = lcb.in_window(problems, self.start_date, self.end_date)
+        self._problems = {p["id"]: p for p in problems}
+        if len(self._problems) != len(problems):
+            raise TaskConfigError(f"task.benchmark=livecodebench ({self.source}): duplicate question_id")
+        return problems
 
     def _load_hub(self) -> list[dict[str, Any]]:
         hub_id, config, split, q_key, a_key = HUB[self.benchmark]
@@ -256,6 +339,8 @@ class ReasoningTask(Task):
         return out
 
     def _prompt(self, row: dict[str, Any], seed: int) -> tuple[str, str, dict[str, Any]]:
+        if self.benchmark == "livecodebench":
+            return lcb.prompt(row), row["id"], {"testtype": row["mode"]}
         question = row["question"].strip()
         if self.benchmark != "gpqa_diamond":
             gold = gsm8k_gold(row["answer"]) if self.benchmark == "gsm8k_cot" else row["answer"]
@@ -270,6 +355,8 @@ class ReasoningTask(Task):
     def extract(self, output: str) -> str | None:
         """The answer the grader reads from ``output`` (None: no answer found)."""
         text = final_section(output)
+        if self.benchmark == "livecodebench":
+            return lcb.extract_code(text)
         if self.benchmark == "gpqa_diamond":
             return extract_choice(text, LETTERS)
         if self.benchmark == "gsm8k_cot":
@@ -281,8 +368,18 @@ class ReasoningTask(Task):
         pred = self.extract(output)
         if pred is None:
             return {"accuracy": 0.0, "completion": 0.0}
+        if self.benchmark == "livecodebench":
+            problem = self._problems.get(str(sample.meta.get("question_id")))
+            if problem is None:  # score() before samples(): load the problems once
+                self.questions()
+                problem = self._problems[str(sample.meta["question_id"])]
+            verdict = lcb.grade_problem(pred, problem, self.limits())
+            return {"accuracy": float(verdict.passed), "completion": 1.0,
+                    "tests_passed": verdict.tests_passed / verdict.tests, "verdict": verdict.status}  # fmt: skip
         if self.benchmark == "gpqa_diamond":
             correct = pred == sample.reference
+        elif self.math_grader == "math_verify":
+            correct = math_verify_equal(pred, sample.reference)
         else:
             correct = math_equal(pred, sample.reference)
         return {"accuracy": float(correct), "completion": 1.0}

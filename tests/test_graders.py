@@ -91,6 +91,33 @@ def test_table_size():
     assert len(EQUIVALENT) + len(NOT_EQUIVALENT) >= 25
 
 
+#: Where math-verify (the reasoning task's default grader) and our rules disagree on the table,
+#: with the verdict: (pred, gold) -> (who is right, why).
+DISAGREEMENTS = {
+    ("10%", "10"): ("retrobench", "MATH's convention treats a trailing percent sign as a unit (answers "
+                    "like 10\\% for gold 10 are right); math-verify cannot parse a percentage at all: it keeps "
+                    "'10\\%' as an unparsed string, which equals no number"),
+    (r"10\%", "0.1"): ("retrobench", "10% is 0.1 by definition; math-verify again leaves '10\\%' unparsed"),
+}
+
+
+def test_both_math_graders_on_the_table():
+    """math-verify against our rules on every pair: the same verdict except the pairs listed in
+    DISAGREEMENTS, whose expected verdict (the table's) is ours there. The 7. / 7 pair agrees only
+    because the answer is handed to math-verify without its sentence-final period."""
+    from retrobench.tasks.graders import math_verify_equal
+
+    seen = {}
+    for expected, table in ((True, EQUIVALENT), (False, NOT_EQUIVALENT)):
+        for pred, gold in table:
+            ours, theirs = math_equal(pred, gold), math_verify_equal(pred, gold)
+            assert ours == expected
+            if ours != theirs:
+                seen[(pred, gold)] = "retrobench" if ours == expected else "math_verify"
+    assert len(EQUIVALENT) + len(NOT_EQUIVALENT) == 53
+    assert seen == {pair: who for pair, (who, _) in DISAGREEMENTS.items()}
+
+
 @pytest.mark.parametrize(
     ("raw", "norm"),
     [
