@@ -4,7 +4,8 @@ A method is written once, as tensor ops plus the ops below; ``engine.backend`` p
 implementation of each op runs:
 
 * ``torch``: the plain-PyTorch references (``<op>_ref``), on any device. They define the results
-  and may synchronise with the host, so decode steps built on them are never graph-captured.
+  and may synchronise with the host, so decode steps built on them are never graph-captured. One
+  exception: ``dense_attention`` (prefill) is PyTorch's fused SDPA, proven equal to its reference.
 * ``triton``: the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``), or, for ops that need
   no kernel, a static-shape PyTorch version; none synchronises with the host, so a whole decode
   step can be captured in a CUDA graph. A Triton op never falls back to its reference: where it
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from retrobench.kernels import kv_write, merge, page_meta, paged_attention, quest, scores, topk
+from retrobench.kernels import dense, kv_write, merge, page_meta, paged_attention, quest, scores, topk
 from retrobench.kernels._triton import TritonUnavailable, require_triton
 
 BACKENDS = ("torch", "triton")
@@ -47,6 +48,7 @@ class Ops:
     write_kv: Callable
     merge_states: Callable
     paged_logits: Callable
+    dense_attention: Callable
 
     def impl(self) -> dict[str, Callable]:
         return {k: v for k, v in vars(self).items() if callable(v)}
@@ -56,7 +58,7 @@ TORCH_OPS = Ops(
     name="torch",
     capturable=False,
     kernels=frozenset({"sparse_attention", "page_scores", "topk_forced", "update_page_minmax", "write_kv",
-                       "merge_states", "paged_logits"}),  # fmt: skip
+                       "merge_states", "paged_logits", "dense_attention"}),  # fmt: skip
     sparse_attention=paged_attention.sparse_paged_attention_ref,
     page_scores=quest.quest_page_scores_ref,
     topk_forced=topk.topk_forced_ref,
@@ -64,12 +66,14 @@ TORCH_OPS = Ops(
     write_kv=kv_write.write_kv_ref,
     merge_states=merge.merge_states_ref,
     paged_logits=scores.paged_logits_ref,
+    dense_attention=dense.dense_attention_sdpa,
 )
 
 TRITON_OPS = Ops(
     name="triton",
     capturable=True,
-    kernels=frozenset({"sparse_attention", "page_scores", "update_page_minmax", "merge_states", "paged_logits"}),
+    kernels=frozenset({"sparse_attention", "page_scores", "update_page_minmax", "merge_states", "paged_logits",
+                       "dense_attention"}),  # fmt: skip
     sparse_attention=paged_attention.sparse_paged_attention,
     page_scores=quest.quest_page_scores,
     topk_forced=topk.topk_forced,
@@ -77,6 +81,7 @@ TRITON_OPS = Ops(
     write_kv=kv_write.write_kv,
     merge_states=merge.merge_states,
     paged_logits=scores.paged_logits,
+    dense_attention=dense.dense_attention,
 )
 
 

@@ -240,6 +240,7 @@ class Forward:
     plan: dict[str, torch.Tensor]
     acct: Accounting
     last_chunk: bool = False
+    probing: bool = False  # this (eager) decode step compares each sparse layer with dense attention
     memo: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -373,12 +374,14 @@ class Method:
         benchmarks that fill the cache with random K/V instead of prefilling; default: nothing."""
 
     # ---- attention ----------------------------------------------------------------------
-    def prefill(self, layer: int, q: torch.Tensor, fwd: Forward) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense causal attention of a prompt chunk ``q [B, H, S, D]``: ``(out [B, H, S, D], lse [B, H, S])``."""
-        return attend_dense(layer, q, fwd)
+    def prefill(self, layer: int, q: torch.Tensor, fwd: Forward) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Dense causal attention of a prompt chunk ``q [B, H, S, D]``: ``(out [B, H, S, D], lse)``, the
+        LSE ``[B, H, S]`` or None (nothing reads a prefill LSE outside the method that asks for it)."""
+        return attend_dense(layer, q, fwd, need_lse=False)
 
     def decode(self, layer: int, q: torch.Tensor, fwd: Forward) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decode step's attention in ``layer``: ``(out [B, H, S, D], lse [B, H, S] fp32)``."""
+        """One decode step's attention in ``layer``: ``(out [B, H, S, D], lse [B, H, S] fp32)``; the LSE may
+        be None where nothing reads it (a dense layer; full attention outside a probed step)."""
         raise NotImplementedError
 
     def end_step(self, fwd: Forward) -> dict[str, torch.Tensor]:
@@ -399,11 +402,15 @@ class Method:
 
 
 def attend_dense(
-    layer: int, q: torch.Tensor, fwd: Forward, key_mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    layer: int, q: torch.Tensor, fwd: Forward, key_mask: torch.Tensor | None = None, need_lse: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal attention of ``q [B, H, S, D]`` over every page of the context (optionally only the
-    keys ``key_mask [B, T_max]`` keeps): full attention, dense layers and prefill alike."""
+    keys ``key_mask [B, T_max]`` keeps): full attention, dense layers and prefill alike. Without a
+    mask and with ``need_lse=False`` it is the ``dense_attention`` op (prefill's: fused, no LSE)
+    and returns ``(out, None)``."""
     c = fwd.cache
+    if key_mask is None and not need_lse:
+        return fwd.ops.dense_attention(q, c.k[layer], c.v[layer], c.page_table, fwd.n_pages, fwd.pos, fwd.scaling), None
     pages = fwd.all_pages().expand(-1, fwd.spec.num_kv_heads, -1)
     mask = None if key_mask is None else key_mask.unsqueeze(1).expand(-1, fwd.spec.num_kv_heads, -1)
     return fwd.ops.sparse_attention(

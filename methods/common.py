@@ -164,7 +164,7 @@ class SelectionMethod(Method):
     # ---- shared decode ------------------------------------------------------------------------------
     def decode(self, layer: int, q: torch.Tensor, fwd: Forward) -> tuple[torch.Tensor, torch.Tensor]:
         if self.is_dense_layer(layer):
-            return attend_dense(layer, q, fwd)
+            return attend_dense(layer, q, fwd, need_lse=False)
         sel = self.select(layer, q[:, :, -1], fwd, fwd.state)
         out, lse = attend_selection(layer, q, fwd, sel)
         self.observe(layer, q[:, :, -1], sel, lse[:, :, -1], fwd, fwd.state)

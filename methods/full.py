@@ -21,8 +21,8 @@ class FullMethod(Method):
 
     name: ClassVar[str] = "full"
 
-    def decode(self, layer: int, q: torch.Tensor, fwd: Forward) -> tuple[torch.Tensor, torch.Tensor]:
-        return attend_dense(layer, q, fwd)
+    def decode(self, layer: int, q: torch.Tensor, fwd: Forward) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return attend_dense(layer, q, fwd, need_lse=fwd.probing)  # the LSE only feeds the probes
 
     def end_step(self, fwd: Forward) -> dict[str, torch.Tensor]:
         """Every sparse (here: non-``dense_layers``) layer attends the whole context."""

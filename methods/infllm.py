@@ -201,9 +201,9 @@ class InfLLMMethod(SelectionMethod):
 
     # ---- prefill: dense, plus representative scores of the prompt's keys ---------------------------
     def prefill(self, layer: int, q: torch.Tensor, fwd: Forward) -> tuple[torch.Tensor, torch.Tensor]:
-        out, lse = attend_dense(layer, q, fwd)
         if self.is_dense_layer(layer):
-            return out, lse
+            return attend_dense(layer, q, fwd, need_lse=False)
+        out, lse = attend_dense(layer, q, fwd)  # the LSE weighs the representative scores
         state: InfLLMState = fwd.state
         B, H, S, _ = q.shape
         H_kv = fwd.spec.num_kv_heads

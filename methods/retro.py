@@ -182,7 +182,7 @@ class RetroMethod(Method):
         current and past rows, the past rows' merge into the output cache, and ``A``. The counts
         (exposure, supplements) are taken once per step, for every layer, in :meth:`end_step`."""
         if self.is_dense_layer(layer):  # past tokens are recomputed with full attention
-            return attend_dense(layer, q, fwd)
+            return attend_dense(layer, q, fwd, need_lse=False)
         state: RetroState = fwd.state
         S, slots = q.shape[2], self.window - 1
         q_cur = q[:, :, -1]

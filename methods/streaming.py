@@ -127,7 +127,7 @@ class StreamingMethod(Method):
     def prefill(self, layer: int, q: torch.Tensor, fwd: Forward) -> tuple[torch.Tensor, torch.Tensor]:
         if layer == 0:
             fwd.state.live.scatter_(1, fwd.pos, True)
-        result = attend_dense(layer, q, fwd)
+        result = attend_dense(layer, q, fwd, need_lse=False)
         if fwd.last_chunk and layer == fwd.spec.num_layers - 1:  # once, after every layer saw the prompt
             self._evict(fwd)
         return result

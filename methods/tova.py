@@ -114,7 +114,7 @@ class TOVAMethod(Method):
     def prefill(self, layer: int, q: torch.Tensor, fwd: Forward) -> tuple[torch.Tensor, torch.Tensor]:
         live = fwd.state.live[layer]
         live.scatter_(1, fwd.pos, True)
-        out, lse = attend_dense(layer, q, fwd)
+        out, lse = attend_dense(layer, q, fwd, need_lse=fwd.last_chunk)  # the last row's LSE ranks the prompt
         if fwd.last_chunk:  # the whole prompt at once, ranked by the last prompt token's weights
             weights = self._weights(layer, q[:, :, -1], lse[:, :, -1], fwd)
             masked = weights.masked_fill(~self._candidates(layer, fwd), float("inf"))

@@ -159,7 +159,7 @@ class ReasoningTask(Task):
             raise TaskConfigError(f"task.math_grader={self.math_grader!r} is not a grader; allowed: {', '.join(MATH_GRADERS)}")
         if self.math_grader == "math_verify" and importlib.util.find_spec("math_verify") is None:
             raise TaskConfigError("task.math_grader=math_verify needs the math-verify package: pip install "
-                                  "'math-verify[antlr4_9_3]', or task.math_grader=retrobench")  # fmt: skip
+                                  "math-verify, or task.math_grader=retrobench")  # fmt: skip
         for key in ("test_timeout_s", "problem_timeout_s", "memory_mb"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:

@@ -230,6 +230,7 @@ class Engine:
         fwd = request.buffers.forward(S)
         self.method.prepare(fwd)
         probe = self.probe_every > 0 and steps[0] % self.probe_every == 0
+        fwd.probing = probe
         ids = input_ids.to(self.device)
         if probe:
             call = Call(self.method, fwd, probes={})
