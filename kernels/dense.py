@@ -27,21 +27,19 @@ def _every_page(n_pages: torch.Tensor, n_max: int, heads: int) -> torch.Tensor:
     return torch.where(idx < n_pages.view(-1, 1, 1), idx, torch.full_like(idx, -1)).expand(-1, heads, -1)
 
 
-def dense_attention_ref(q, k_cache, v_cache, page_table, n_pages, q_pos, scaling, pages=None) -> torch.Tensor:  # noqa: ANN001, ARG001
+def dense_attention_ref(q, k_cache, v_cache, page_table, n_pages, q_pos, scaling) -> torch.Tensor:  # noqa: ANN001
     """Reference: the sparse reference over every page of the sequence."""
     pages = _every_page(n_pages, page_table.shape[1], k_cache.shape[2])
     return sparse_paged_attention_ref(q, k_cache, v_cache, page_table, pages, q_pos, scaling, num_units=n_pages)[0]
 
 
-def dense_attention(q, k_cache, v_cache, page_table, n_pages, q_pos, scaling, pages=None) -> torch.Tensor:  # noqa: ANN001
-    """Triton: the sparse-attention kernel over every page (CUDA, or CPU under the interpreter);
-    ``pages`` ``[B, 1|H_kv, n_max]``: the every-page list when the caller has it (one per forward)."""
-    pages = _every_page(n_pages, page_table.shape[1], k_cache.shape[2]) if pages is None else pages
-    pages = pages.expand(-1, k_cache.shape[2], -1)
+def dense_attention(q, k_cache, v_cache, page_table, n_pages, q_pos, scaling) -> torch.Tensor:  # noqa: ANN001
+    """Triton: the sparse-attention kernel over every page (CUDA, or CPU under the interpreter)."""
+    pages = _every_page(n_pages, page_table.shape[1], k_cache.shape[2])
     return sparse_paged_attention(q, k_cache, v_cache, page_table, pages, q_pos, scaling, num_units=n_pages)[0]
 
 
-def dense_attention_sdpa(q, k_cache, v_cache, page_table, n_pages, q_pos, scaling, pages=None) -> torch.Tensor:  # noqa: ANN001, ARG001
+def dense_attention_sdpa(q, k_cache, v_cache, page_table, n_pages, q_pos, scaling) -> torch.Tensor:  # noqa: ANN001
     """PyTorch SDPA over each sequence's gathered prefix (reads positions 0..max(q_pos); may sync)."""
     B, H, S, D = q.shape
     _, P, H_kv, _ = k_cache.shape
