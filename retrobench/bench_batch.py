@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,15 +26,11 @@ COLUMNS = ("method", "task", "batch_size", "samples", "new_tokens", "wall_s", "t
 
 
 def run(args: argparse.Namespace, batch: str, samples: int, results: Path, timeout: float) -> int:
-    cmd = [sys.executable, "-m", "retrobench", "run", f"model={args.model}", f"method={args.method}",
-           f"task={args.task}", f"task.num_samples={samples}", f"task.max_new_tokens={args.new_tokens}",
-           f"device={args.device}", f"engine.batch_size={batch}", f"results_dir={results}", *args.overrides]  # fmt: skip
-    print("$", " ".join(cmd[1:]), flush=True)
-    try:
-        return subprocess.run(cmd, check=False, timeout=timeout).returncode
-    except subprocess.TimeoutExpired:
-        print(f"batch {batch}: stopped at the deadline; the finished samples are kept", flush=True)
-        return 124
+    from retrobench.bench_cli import run_until
+
+    return run_until(["run", f"model={args.model}", f"method={args.method}", f"task={args.task}",
+                      f"task.num_samples={samples}", f"task.max_new_tokens={args.new_tokens}", f"device={args.device}",
+                      f"engine.batch_size={batch}", f"results_dir={results}", *args.overrides], timeout, f"batch {batch}")  # fmt: skip
 
 
 def read(results: Path) -> tuple[dict, list[dict]]:

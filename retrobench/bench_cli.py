@@ -27,16 +27,22 @@ COLUMNS = ("method", "backend", "context", "new_tokens", "tpot_p50_ms", "tpot_p1
            "attended_kv", "resident_kv", "pages_selected", "exposure", "peak_memory_gb", "device", "git_sha", "run")  # fmt: skip
 
 
-def run_backend(backend: str, methods: list[str], context: int, new_tokens: int, results: Path, timeout: float) -> int:
-    cmd = [sys.executable, "-m", "retrobench", "run", "-m", "experiment=latency", "device=cuda",
-           f"engine.backend={backend}", f"method={','.join(methods)}", f"task.context_tokens={context}",
-           f"task.max_new_tokens={new_tokens}", f"results_dir={results}"]  # fmt: skip
+def run_until(args: list[str], timeout: float, what: str) -> int:
+    """``python -m retrobench <args>`` (printed first) within ``timeout`` seconds; 124 when cut there
+    (the finished runs and samples of a resumable run are kept)."""
+    cmd = [sys.executable, "-m", "retrobench", *args]
     print("$", " ".join(cmd[1:]), flush=True)
     try:
         return subprocess.run(cmd, check=False, timeout=timeout).returncode
     except subprocess.TimeoutExpired:
-        print(f"{backend}: stopped at the deadline; the finished runs are kept", flush=True)
+        print(f"{what}: stopped at the deadline; what finished is kept", flush=True)
         return 124
+
+
+def run_backend(backend: str, methods: list[str], context: int, new_tokens: int, results: Path, timeout: float) -> int:
+    return run_until(["run", "-m", "experiment=latency", "device=cuda", f"engine.backend={backend}",
+                      f"method={','.join(methods)}", f"task.context_tokens={context}",
+                      f"task.max_new_tokens={new_tokens}", f"results_dir={results}"], timeout, backend)  # fmt: skip
 
 
 def collect(results: Path) -> list[dict]:

@@ -326,20 +326,9 @@ class Engine:
         start(self, request, stream, prompt_ids, until=stream.max_new_tokens)
         return self.finish(request, stream)
 
-    def generate_batch(
-        self,
-        jobs: Sequence[Job],
-        batch_size: int,
-        on_done: Callable[[int, Generation], None],
-        *,
-        eos_token_ids: Sequence[int] = (),
-        stop_strings: Sequence[str] = (),
-        decode: Callable[[list[int]], str] | None = None,
-    ) -> None:
-        """Generate every job, up to ``batch_size`` at once with continuous batching
-        (:func:`retrobench.engine.batch.generate_batch`); ``on_done(index, generation)`` as each finishes."""
-        generate_batch(self, jobs, batch_size, on_done, eos_token_ids=eos_token_ids, stop_strings=stop_strings,
-                       decode=decode)  # fmt: skip
+    #: ``generate_batch(jobs, batch_size, on_done, *, eos_token_ids, stop_strings, decode)``: every job, up
+    #: to ``batch_size`` at once with continuous batching, ``on_done(index, generation)`` as each finishes.
+    generate_batch = generate_batch
 
     def finish(self, request: Request, stream: Stream, b: int = 0) -> Generation:
         """The :class:`Generation` of ``stream``, decoded in row ``b`` of ``request`` (one accounting read)."""
