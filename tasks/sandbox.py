@@ -9,7 +9,8 @@ session (the whole process group is killed at the end), with:
 
 * a wall-time limit per test and per problem (the remaining tests of a problem over its budget
   fail), and a CPU-time limit (``RLIMIT_CPU``);
-* an address-space limit (``RLIMIT_AS``), a file-size limit (``RLIMIT_FSIZE``), no core dumps;
+* an address-space limit (``RLIMIT_AS``), a file-size limit (``RLIMIT_FSIZE``), no core dumps (the
+  child sets its limits itself before the candidate's code runs, and then may not change them);
 * output read in chunks and cut at ``output_bytes`` (the process is killed past it);
 * on Linux, when the harness runs as root with ``setpriv`` and ``nobody`` may run its Python: the
   program runs as ``nobody`` (it cannot write the harness's files, read root-only files or signal
@@ -46,8 +47,14 @@ from typing import Any
 #: The child's prelude: limits the candidate from inside, then runs it (stdin mode) or calls its
 #: function on JSON arguments and prints the JSON result (functional mode).
 RUNNER = r'''
-import json, os, sys
+import json, os, resource, sys
 MODE, FUNC = sys.argv[1], sys.argv[2]
+for name, value in zip(("RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_NPROC", "RLIMIT_CORE"), map(int, sys.argv[3:8])):
+    if value >= 0 and hasattr(resource, name):
+        try:
+            resource.setrlimit(getattr(resource, name), (value, value))
+        except (ValueError, OSError):
+            pass
 HERE = os.path.realpath(os.getcwd())
 ALLOWED_READ = tuple({os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix,
                       os.path.dirname(os.__file__))} | {HERE})
@@ -161,22 +168,12 @@ def _drop_to_nobody() -> bool:
 NOBODY = ("--reuid=65534", "--regid=65534", "--clear-groups")
 
 
-def _preexec(limits: Limits, cpu_s: int) -> Any:
-    def setup() -> None:
-        import resource
-
-        mem = limits.memory_mb * 2**20
-        for name, value in (("RLIMIT_AS", mem), ("RLIMIT_CPU", cpu_s), ("RLIMIT_FSIZE", limits.output_bytes),
-                            ("RLIMIT_CORE", 0)):  # fmt: skip
-            if hasattr(resource, name):
-                try:
-                    resource.setrlimit(getattr(resource, name), (value, value))
-                except (ValueError, OSError):
-                    pass
-        if _drop_to_nobody():  # enforced once setpriv runs the program as nobody
-            resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
-
-    return setup
+def _rlimits(limits: Limits, cpu_s: int) -> list[str]:
+    """The runner's limits, set by the child itself before the candidate runs (no preexec_fn: the
+    grader runs in threads): address space, CPU seconds, file size, processes (only as nobody:
+    for another user it would count the harness's own processes), core dumps."""
+    nproc = limits.processes if _drop_to_nobody() else -1
+    return [str(v) for v in (limits.memory_mb * 2**20, cpu_s, limits.output_bytes, nproc, 0)]
 
 
 def run_program(code: str, stdin: str, mode: str, func_name: str, limits: Limits, timeout_s: float) -> tuple[str, str, str]:
@@ -188,15 +185,14 @@ def run_program(code: str, stdin: str, mode: str, func_name: str, limits: Limits
         if _drop_to_nobody():
             for p in (work, work / "solution.py", work / "runner.py"):
                 os.chown(p, 65534, 65534)
-        cmd = [sys.executable, "-I", "runner.py", mode, func_name or "-"]
+        cmd = [sys.executable, "-I", "runner.py", mode, func_name or "-", *_rlimits(limits, int(timeout_s) + 1)]
         if _drop_to_nobody():
             cmd = [shutil.which("setpriv") or "setpriv", *NOBODY, *cmd]
         if _net_namespace():
             cmd = [shutil.which("unshare") or "unshare", "-n", *cmd]
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True,
-                                preexec_fn=_preexec(limits, int(timeout_s) + 1))  # fmt: skip
+                                stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
         try:
             out, err, status = _communicate(proc, stdin.encode(), limits.output_bytes, timeout_s)
         finally:
