@@ -22,8 +22,9 @@ from omegaconf import OmegaConf
 from retrobench.engine import Engine
 from retrobench.models import load_model
 from retrobench.results import environment
+from retrobench.conf import conf_dir
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = conf_dir()
 
 
 def _hf_decode(model, ids: list[int], new: int) -> tuple[float, float]:

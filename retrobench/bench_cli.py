@@ -19,8 +19,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from retrobench.conf import conf_dir
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = conf_dir()
 # every method of conf/method/ (no list to keep), full attention first as the baseline
 METHODS = tuple(sorted((p.stem for p in (CONF / "method").glob("*.yaml")), key=lambda m: (m != "full", m)))
 COLUMNS = ("method", "backend", "context", "new_tokens", "tpot_p50_ms", "tpot_p10_ms", "tpot_p90_ms", "ttft_s",

@@ -42,8 +42,9 @@ from retrobench.methods.full import FullMethod
 from retrobench.methods.quest import QuestMethod
 from retrobench.methods.retro import RetroMethod
 from retrobench.results import environment
+from retrobench.conf import conf_dir
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = conf_dir()
 FIELDS = ("op", "method", "context", "budget", "window", "batch", "p50_ms", "p10_ms", "p90_ms", "bytes", "gbps",
           "floor_ms", "x_floor", "graph", "peak_memory_bytes", "output_cache_bytes", "device", "torch", "triton",
           "transformers", "git_sha")  # fmt: skip

@@ -14,10 +14,11 @@ of each YAML as its description. ``report`` writes the markdown/CSV/PNG report o
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
 from pathlib import Path
+
+from retrobench.conf import conf_dir  # the one config-folder finder, re-exported here
 
 #: Config groups a user picks from on the command line (``<group>=<name>``), in listing order.
 GROUPS = ("model", "method", "task", "engine", "logger", "experiment", "sweep")
@@ -49,14 +50,6 @@ examples:
 Results go to <results_dir>/runs/<hash>/ (config.yaml, env.json, samples.jsonl, metrics.json);
 a finished run is skipped, a killed one resumes. Load them with retrobench.results.load_runs().
 """
-
-
-def conf_dir() -> Path:
-    """Absolute path of the installed config directory (``retrobench.conf``)."""
-    spec = importlib.util.find_spec("retrobench.conf")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("retrobench.conf not found: reinstall with `make install`")
-    return Path(next(iter(spec.submodule_search_locations))).resolve()
 
 
 def group_options(group: str, root: Path | None = None) -> dict[str, str]:

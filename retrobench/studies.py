@@ -34,8 +34,9 @@ from retrobench.metrics import agreement
 from retrobench.models import load_model
 from retrobench.results import environment
 from retrobench.texts import provenance, stdlib_tokens
+from retrobench.conf import conf_dir
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = conf_dir()
 
 
 def make_method(name: str, fraction: float, **extra: Any):

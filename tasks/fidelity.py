@@ -15,7 +15,6 @@ task never touches the engine: it builds prompts through the wrapped task and do
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass
@@ -28,11 +27,10 @@ NOT_WRAPPABLE = ("fidelity", "ppl")  # tasks that do not generate from a prompt
 
 
 def task_conf_dir() -> Path:
-    """``conf/task`` of the installed package (found through ``retrobench.conf``)."""
-    spec = importlib.util.find_spec("retrobench.conf")
-    if spec is None or not spec.submodule_search_locations:
-        raise TaskConfigError("retrobench.conf not found: reinstall retrobench (`make install`)")
-    return Path(next(iter(spec.submodule_search_locations))) / "task"
+    """``conf/task`` of the installed package."""
+    from retrobench.conf import conf_dir
+
+    return conf_dir() / "task"
 
 
 def load_task(name: str, overrides: Mapping[str, Any] | None = None) -> Task:

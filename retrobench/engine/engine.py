@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from retrobench.engine.batch import Job, Stream, generate_batch, start
+from retrobench.engine.batch import Stream, generate_batch, start
 from retrobench.engine.cache import PagedKVCache
 from retrobench.engine.graphs import CaptureGuard, GraphRunner, StepBuffers, make_forward
 from retrobench.engine.hook import Call, register
@@ -290,10 +290,10 @@ class Engine:
         """Dense chunked prefill of ``prompt_ids [B, L]``; returns the last prompt token's logits."""
         L = prompt_ids.shape[1]
         logits = None
-        for start in range(0, L, self.prefill_chunk):
-            end = min(L, start + self.prefill_chunk)
-            pos = torch.arange(start, end).expand(prompt_ids.shape[0], -1)
-            logits = self.forward(request, prompt_ids[:, start:end], pos, "prefill", -1, last_chunk=end == L)
+        for lo in range(0, L, self.prefill_chunk):
+            end = min(L, lo + self.prefill_chunk)
+            pos = torch.arange(lo, end).expand(prompt_ids.shape[0], -1)
+            logits = self.forward(request, prompt_ids[:, lo:end], pos, "prefill", -1, last_chunk=end == L)
         assert logits is not None
         return logits
 
