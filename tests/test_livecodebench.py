@@ -261,3 +261,12 @@ def test_bench_grader_writes_its_table(tmp_path: Path) -> None:
     assert bench_grader.main(["--problems", "3", "--tests", "2", "--workers", "2", "--out", str(tmp_path)]) == 0
     rows = (tmp_path / "grader.csv").read_text().splitlines()
     assert len(rows) == 4 and rows[1].startswith("correct,1,3,2,6,3")
+
+
+def test_ordinary_solutions_import_what_they_need() -> None:
+    """The sandbox refuses process creation and foreign files, not the standard library or numpy
+    (which tries ctypes and sets environment variables on import)."""
+    pytest.importorskip("numpy")
+    code = ("import collections, heapq, bisect, itertools, functools, math, re, sys, typing, fractions, decimal\n"
+            "import numpy as np\nprint(int(np.array([1, 2]).sum()) + int(input()))")  # fmt: skip
+    assert grade(code, [TestCase("4\n", "7")], "stdin", limits=Limits(test_timeout_s=20.0)).passed
