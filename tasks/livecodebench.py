@@ -65,7 +65,7 @@ def decode_tests(raw: Any, where: str) -> list[dict[str, Any]]:
         raise TaskConfigError(f"{where}: neither JSON nor the compressed encoding ({type(exc).__name__})") from None
 
 
-def _date(value: Any, where: str) -> date:
+def parse_date(value: Any, where: str) -> date:
     if isinstance(value, datetime):
         return value.date()
     if isinstance(value, date):
@@ -108,15 +108,15 @@ def parse_problem(row: Any, where: str) -> dict[str, Any]:
         raise TaskConfigError(f"{where} ({qid}) field metadata.func_name: needed by functional tests")
     return {
         "id": qid, "question": str(row["question_content"]), "starter": str(row.get("starter_code") or ""),
-        "mode": mode, "func_name": func, "tests": tests, "date": _date(row["contest_date"], f"{where} ({qid}) field contest_date"),
+        "mode": mode, "func_name": func, "tests": tests, "date": parse_date(row["contest_date"], f"{where} ({qid}) field contest_date"),
         "answer": qid,
     }  # fmt: skip
 
 
 def in_window(problems: list[dict[str, Any]], start: str | None, end: str | None) -> list[dict[str, Any]]:
     """Problems with ``start <= contest_date < end`` (either bound may be None)."""
-    lo = _date(start, "task.start_date") if start else None
-    hi = _date(end, "task.end_date") if end else None
+    lo = parse_date(start, "task.start_date") if start else None
+    hi = parse_date(end, "task.end_date") if end else None
     return [p for p in problems if (lo is None or p["date"] >= lo) and (hi is None or p["date"] < hi)]
 
 
@@ -152,4 +152,4 @@ def grade_problem(code: str, problem: dict[str, Any], limits: Limits) -> Verdict
     return grade(code, problem["tests"], problem["mode"], problem["func_name"], limits)
 
 
-__all__ = ["HUB_ID", "decode_tests", "extract_code", "grade_problem", "in_window", "load_hub", "parse_problem", "prompt"]
+__all__ = ["HUB_ID", "decode_tests", "parse_date", "extract_code", "grade_problem", "in_window", "load_hub", "parse_problem", "prompt"]

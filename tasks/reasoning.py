@@ -166,8 +166,7 @@ class ReasoningTask(Task):
                 raise TaskConfigError(f"task.{key} must be a number > 0, got {value!r}")
         for key in ("start_date", "end_date"):
             if getattr(self, key) is not None:
-                lcb.in_window([], getattr(self, key) if key == "start_date" else None,
-                              getattr(self, key) if key == "end_date" else None)  # fmt: skip
+                lcb.parse_date(getattr(self, key), f"task.{key}")
         self._problems: dict[str, dict[str, Any]] = {}
 
     @property

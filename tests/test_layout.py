@@ -132,3 +132,15 @@ def test_the_engine_names_no_method() -> None:
                 offenders += [f"{where}: import {n}" for n in names
                               if n.startswith("retrobench.methods.") and n.split(".")[2] in METHOD_NAMES]  # fmt: skip
     assert METHOD_NAMES and not offenders, "the engine names a method:\n" + "\n".join(offenders)
+
+
+def test_every_task_module_is_a_configured_task_or_a_declared_helper() -> None:
+    """A module in tasks/ is either the target of a conf/task YAML or listed in tasks.HELPERS."""
+    from omegaconf import OmegaConf
+
+    from retrobench.tasks import HELPERS
+
+    targets = {str(OmegaConf.load(p)["_target_"]).split(".")[2] for p in (ROOT / "conf" / "task").glob("*.yaml")}
+    modules = {p.stem for p in (ROOT / "tasks").glob("*.py") if p.stem != "__init__"}
+    assert modules - targets - set(HELPERS) == set(), "a tasks/ module without a config: add conf/task/<name>.yaml"
+    assert set(HELPERS) <= modules and not set(HELPERS) & targets

@@ -112,7 +112,11 @@ def test_hostile_programs_fail_and_are_contained(tmp_path: Path, name: str) -> N
     assert not verdict.passed, verdict
     assert secret.read_text() == "the harness's own data"  # not overwritten, not deleted
     assert not Path("/tmp/rb-pwned").exists()
-    assert os.getpid() > 0  # still here: the parent was not killed
+    refused = {"forks-repeatedly": "os.fork", "spawns-a-shell": "_posixsubprocess", "kills-its-parent": "os.kill",
+               "kills-its-group": "os.killpg", "opens-a-socket": "socket", "uses-ctypes": "ctypes",
+               "writes-outside": "open", "deletes-outside": "os.remove"}  # fmt: skip
+    if name in refused:  # the refusal itself, not only a failed test
+        assert verdict.status == "runtime_error" and "sandbox" in verdict.detail and refused[name] in verdict.detail
     if name == "prints-gigabytes":
         assert verdict.status == "output_limit"
     if name in ("reads-the-harness", "lists-the-harness"):

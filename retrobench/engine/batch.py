@@ -218,9 +218,8 @@ def generate_batch(
 
 
 def auto_batch_size(engine: Engine, capacity: int, jobs: int, limit: int = 256) -> int:
-    """How many sequences of ``capacity`` tokens to decode at once: 1 on CPU (a few cores gain little
-    from batching, and CPU matmuls are not batch-invariant, so batch 1 keeps CPU results exactly
-    reproducible); on a CUDA device, as many as the memory left after the weights holds, measured
+    """How many sequences of ``capacity`` tokens to decode at once: 1 on CPU (CPU matmuls are not
+    batch-invariant, so batch 1 keeps CPU results exactly reproducible); on a CUDA device, as many as the memory left after the weights holds, measured
     by allocating one sequence's cache and method state, keeping 10 % + 2 GiB for activations and
     one more sequence for the batch-1 start of the next one. At most ``jobs`` and ``limit``."""
     if engine.device.type != "cuda" or jobs < 2:
