@@ -10,7 +10,7 @@ export PYTHONSAFEPATH := 1
 TEST_ENV := TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow test-gpu bench notebooks clean gpu-install gpu-test gpu-bench gpu-latency gpu-batch
+.PHONY: help install run test test-slow test-gpu bench notebooks clean gpu-install gpu-test gpu-bench gpu-decode gpu-latency gpu-batch
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-15s %s\n", $$1, $$2}'
@@ -39,9 +39,10 @@ test-slow: install ## long end-to-end tests (experiments, sweeps)
 test-gpu: install ## GPU tests (run on the GPU machine; real Triton, no interpreter)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -m gpu -q
 
-bench: install ## benchmarks: on a GPU the triton decode step vs its floor (results/bench/decode.*), on CPU engine vs HF generate
+bench: install ## benchmarks -> results/bench/: on a GPU decode grid + transformers rows, CLI latency, batched run; on CPU engine vs HF generate
 	if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
-		$(PY) -m retrobench.bench_decode $(ARGS); else $(PY) -m retrobench.bench $(ARGS); fi
+		$(PY) -m retrobench.bench_decode $(ARGS) && $(PY) -m retrobench.bench_cli && $(PY) -m retrobench.bench_batch; \
+		else $(PY) -m retrobench.bench $(ARGS); fi
 
 # ---- the GPU machine without a registry: its image's python3, the wheels carried in .whl/ ----------
 # (build them here with ../shared/tools/gpu-wheels; carry .whl with the device call)
@@ -57,7 +58,11 @@ gpu-test: ## GPU machine (after gpu-install): pytest -m gpu, log in results/benc
 	{ echo "# pytest -m gpu: commit $${RETROBENCH_GIT_SHA:-$$(git rev-parse HEAD)}, $$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader), $$(python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'), $$(date -u +%FT%TZ)"; } > results/bench/gpu-tests.log
 	set -o pipefail; $(GPU_ENV) python3 -m pytest -m gpu -q -p no:cacheprovider $(ARGS) 2>&1 | tee -a results/bench/gpu-tests.log
 
-gpu-bench: ## GPU machine (after gpu-install): python -m retrobench.bench_decode -> results/bench/decode.{csv,md}
+gpu-bench: ## GPU machine (after gpu-install): make bench's three benchmarks (decode grid, CLI latency, batched run)
+	$(GPU_ENV) python3 -m retrobench.bench_decode $(ARGS) && $(GPU_ENV) python3 -m retrobench.bench_cli \
+		&& $(GPU_ENV) python3 -m retrobench.bench_batch
+
+gpu-decode: ## GPU machine (after gpu-install): python -m retrobench.bench_decode -> results/bench/decode.{csv,md}
 	$(GPU_ENV) python3 -m retrobench.bench_decode $(ARGS)
 
 gpu-latency: ## GPU machine (after gpu-install): experiment=latency per method and backend -> results/bench/latency_cli.*

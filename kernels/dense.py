@@ -10,7 +10,8 @@ A method that needs the prefill LSE (InfLLM's representative scores, TOVA's last
 ``attend_dense(..., need_lse=True)``, which takes the sparse op.
 
 Shapes (glossary in methods/base.py): ``q [B, H, S, D]``, ``k_cache``/``v_cache``
-``[N_pages, P, H_kv, D]``, ``page_table [B, n_max]``, ``n_pages [B]``, ``q_pos [B, S]``; returns
+``[N_pages, P, H_kv, D]``, ``page_table [B, n_max]``, ``n_pages [B]``, ``q_pos [B, S]``, optionally
+``pages [B, 1, n_max]`` (the every-page list, when the caller has it); returns
 ``[B, H, S, D]`` in ``q``'s dtype. A query at position p sees keys 0..p; one at -1 sees nothing
 (output 0, as the reference).
 """
@@ -27,20 +28,27 @@ def _every_page(n_pages: torch.Tensor, n_max: int, heads: int) -> torch.Tensor:
     return torch.where(idx < n_pages.view(-1, 1, 1), idx, torch.full_like(idx, -1)).expand(-1, heads, -1)
 
 
-def dense_attention_ref(q, k_cache, v_cache, page_table, n_pages, q_pos, scaling) -> torch.Tensor:  # noqa: ANN001
-    """Reference: the sparse reference over every page of the sequence."""
+def dense_attention_ref(q, k_cache, v_cache, page_table, n_pages, q_pos, scaling, pages=None) -> torch.Tensor:  # noqa: ANN001
+    """Reference: the sparse reference over every page of the sequence (``pages`` unused)."""
     pages = _every_page(n_pages, page_table.shape[1], k_cache.shape[2])
     return sparse_paged_attention_ref(q, k_cache, v_cache, page_table, pages, q_pos, scaling, num_units=n_pages)[0]
 
 
-def dense_attention(q, k_cache, v_cache, page_table, n_pages, q_pos, scaling) -> torch.Tensor:  # noqa: ANN001
-    """Triton: the sparse-attention kernel over every page (CUDA, or CPU under the interpreter)."""
-    pages = _every_page(n_pages, page_table.shape[1], k_cache.shape[2])
+def dense_attention(q, k_cache, v_cache, page_table, n_pages, q_pos, scaling, pages=None) -> torch.Tensor:  # noqa: ANN001
+    """Triton: the sparse-attention kernel over every page (CUDA, or CPU under the interpreter).
+
+    ``pages [B, 1, n_max]`` (optional): the every-page list when the caller built it once per
+    forward (pages 0 .. n_pages-1, then -1); otherwise built here."""
+    if pages is None:
+        pages = _every_page(n_pages, page_table.shape[1], k_cache.shape[2])
+    else:
+        pages = pages.expand(-1, k_cache.shape[2], -1)
     return sparse_paged_attention(q, k_cache, v_cache, page_table, pages, q_pos, scaling, num_units=n_pages)[0]
 
 
-def dense_attention_sdpa(q, k_cache, v_cache, page_table, n_pages, q_pos, scaling) -> torch.Tensor:  # noqa: ANN001
-    """PyTorch SDPA over each sequence's gathered prefix (reads positions 0..max(q_pos); may sync)."""
+def dense_attention_sdpa(q, k_cache, v_cache, page_table, n_pages, q_pos, scaling, pages=None) -> torch.Tensor:  # noqa: ANN001
+    """PyTorch SDPA over each sequence's gathered prefix (reads positions 0..max(q_pos); may sync;
+    ``pages`` unused)."""
     B, H, S, D = q.shape
     _, P, H_kv, _ = k_cache.shape
     T = max(1, int(q_pos.max()) + 1)

@@ -410,7 +410,9 @@ def attend_dense(
     and returns ``(out, None)``."""
     c = fwd.cache
     if key_mask is None and not need_lse:
-        return fwd.ops.dense_attention(q, c.k[layer], c.v[layer], c.page_table, fwd.n_pages, fwd.pos, fwd.scaling), None
+        out = fwd.ops.dense_attention(q, c.k[layer], c.v[layer], c.page_table, fwd.n_pages, fwd.pos, fwd.scaling,
+                                      pages=fwd.all_pages())  # fmt: skip
+        return out, None
     pages = fwd.all_pages().expand(-1, fwd.spec.num_kv_heads, -1)
     mask = None if key_mask is None else key_mask.unsqueeze(1).expand(-1, fwd.spec.num_kv_heads, -1)
     return fwd.ops.sparse_attention(

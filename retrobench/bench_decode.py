@@ -46,7 +46,7 @@ from retrobench.conf import conf_dir
 
 CONF = conf_dir()
 FIELDS = ("op", "method", "context", "budget", "window", "batch", "p50_ms", "p10_ms", "p90_ms", "bytes", "gbps",
-          "floor_ms", "x_floor", "graph", "peak_memory_bytes", "output_cache_bytes", "device", "torch", "triton",
+          "floor_ms", "x_floor", "graph", "compiled", "peak_memory_bytes", "output_cache_bytes", "device", "torch", "triton",
           "transformers", "git_sha")  # fmt: skip
 
 
@@ -155,9 +155,12 @@ def step_bytes(model: Any, spec: ModelSpec, method: Method, cache: Any, context:
     return total
 
 
-def bench_config(model, method: Method, context: int, batch: int, graphs: bool, timer, iters: int, device) -> dict:
-    """Time ``Engine.forward`` of one decode step (S = the method's window) ending at ``context``."""
-    engine = Engine(model, method, page_size=16, backend="triton", cuda_graphs=graphs)
+def bench_config(
+    model, method: Method, context: int, batch: int, graphs: bool, timer, iters: int, device, compiled: bool = False
+) -> dict:
+    """Time ``Engine.forward`` of one decode step (S = the method's window) ending at ``context``
+    (``compiled``: ``engine.compile``, the fused layers through torch.compile)."""
+    engine = Engine(model, method, page_size=16, backend="triton", cuda_graphs=graphs, compile=compiled)
     S = method.reprocess_window
     request = engine.new_request(context, batch)
     fill_cache(engine, request, context - 1)
@@ -171,19 +174,21 @@ def bench_config(model, method: Method, context: int, batch: int, graphs: bool, 
             "output_cache_bytes": out_cache}  # fmt: skip
 
 
-def grid(smoke: bool) -> list[tuple[int, int, str, dict | None, int]]:
-    """(context, batch, method, budget, window) in priority order (an interrupted run keeps the first)."""
+def grid(smoke: bool, quick: bool = False) -> list[tuple[int, int, str, dict | None, int]]:
+    """(context, batch, method, budget, window) in priority order (an interrupted run keeps the first).
+
+    ``quick``: the issue's target cells only (full, quest and retro w = 2 and 8 at 2048 tokens)."""
     if smoke:
         return [(96, 2, "full", None, 1), (96, 2, "quest", {"tokens": 32}, 1), (96, 2, "retro", {"tokens": 32}, 2),
                 (96, 2, "tova", {"tokens": 32}, 1)]  # fmt: skip
     rows = []
     for context, batch in ((32768, 1), (32768, 8), (8192, 1), (8192, 8), (131072, 1)):
         rows.append((context, batch, "full", None, 1))
-        for budget in ({"tokens": 2048}, {"fraction": 0.15}):
+        for budget in ({"tokens": 2048},) if quick else ({"tokens": 2048}, {"fraction": 0.15}):
             rows.append((context, batch, "quest", budget, 1))
-            for w in (2, 4, 8) if "tokens" in budget else (2,):
+            for w in ((2, 8) if quick else (2, 4, 8)) if "tokens" in budget else (2,):
                 rows.append((context, batch, "retro", budget, w))
-        if (context, batch) == (32768, 1):  # every other method once, at the paper's main setting
+        if (context, batch) == (32768, 1) and not quick:  # every other method once, at the paper's main setting
             for name in ("oracle", "infllm", "streaming", "tova", "retro:infllm", "retro:oracle"):
                 rows.append((context, batch, name, {"fraction": 0.15}, 2 if name.startswith("retro") else 1))
     return rows
@@ -194,30 +199,47 @@ def describe(budget: dict | None) -> str:
 
 
 def write_markdown(rows: list[dict], path: Path, header: str) -> None:
-    lines = [header, "", "| method | w | context | batch | budget | p50 ms | p10 | p90 | floor ms | x floor | GB/s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [header, "", "| method | w | context | batch | budget | compiled | p50 ms | p10 | p90 | floor ms | x floor | GB/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         if r["op"] != "decode_step":
             continue
         floor = (f"{r['floor_ms']:.3f} | {r['x_floor']:.2f} | {r['gbps']:.0f}" if r["floor_ms"] != "" else "- | - | -")
         lines.append(
-            f"| {r['method']} | {r['window']} | {r['context']} | {r['batch']} | {r['budget']} | {r['p50_ms']:.3f} | "
-            f"{r['p10_ms']:.3f} | {r['p90_ms']:.3f} | {floor} |"
+            f"| {r['method']} | {r['window']} | {r['context']} | {r['batch']} | {r['budget']} | {r['compiled']} | "
+            f"{r['p50_ms']:.3f} | {r['p10_ms']:.3f} | {r['p90_ms']:.3f} | {floor} |"
         )
-    lines += ["", "Ratios of p50 step times measured in this run (same context, batch and budget):", ""]
-    steps = {(r["method"], r["window"], r["context"], r["batch"], r["budget"]): r["p50_ms"] for r in rows
-             if r["op"] == "decode_step"}  # fmt: skip
-    for (m, w, ctx, batch, budget), ms in steps.items():
+    lines += ["", "Ratios of p50 step times measured in this run (same context, batch, budget and compile setting):", ""]
+    steps = {(r["method"], r["window"], r["context"], r["batch"], r["budget"], r["compiled"]): r["p50_ms"]
+             for r in rows if r["op"] == "decode_step"}  # fmt: skip
+    for (m, w, ctx, batch, budget, comp), ms in steps.items():
         if m != "retro":
             continue
-        quest = steps.get(("quest", 1, ctx, batch, budget))
-        full = steps.get(("full", 1, ctx, batch, "-"))
+        quest = steps.get(("quest", 1, ctx, batch, budget, comp))
+        full = steps.get(("full", 1, ctx, batch, "-", comp))
         parts = [f"retro/quest {ms / quest:.3f}" if quest else "", f"full/retro {full / ms:.2f}x" if full else "",
                  f"full/quest {full / quest:.2f}x" if full and quest and w == 2 else ""]  # fmt: skip
-        lines.append(f"- retro w={w}, context {ctx}, batch {batch}, budget {budget}: " + ", ".join(p for p in parts if p))
+        lines.append(f"- retro w={w}, context {ctx}, batch {batch}, budget {budget}, compiled {comp}: "
+                     + ", ".join(p for p in parts if p))  # fmt: skip
+    gains = [(key, ms, steps[(*key[:5], False)]) for key, ms in steps.items() if key[5] is True and (*key[:5], False) in steps]
+    if gains:
+        lines += ["", "engine.compile (fused layers, torch.compile) against the transformers modules, same run:", ""]
+        lines += [f"- {m} w={w}, context {ctx}, batch {batch}, budget {budget}: {off:.3f} -> {on:.3f} ms ({off / on:.2f}x)"
+                  for (m, w, ctx, batch, budget, _), on, off in gains]  # fmt: skip
     lines += ["", "Other measurements:", ""]
-    lines += [f"- {r['op']}: {r['gbps']:.0f} GB/s ({r['method']}, context {r['context']}, batch {r['batch']}, "
-              f"p50 {r['p50_ms']:.3f} ms)" for r in rows if r["op"] != "decode_step"]  # fmt: skip
+    for r in rows:
+        if r["op"] != "decode_step":
+            bw = f"{r['gbps']:.0f} GB/s, " if r["gbps"] != "" else ""
+            lines.append(f"- {r['op']}: {bw}{r['method']}, context {r['context']}, batch {r['batch']}, "
+                         f"p50 {r['p50_ms']:.3f} ms")  # fmt: skip
+    hf = {(r["op"], r["context"]): r["p50_ms"] for r in rows if r["method"] == "transformers"}
+    for r in rows:
+        if r["op"] == "prefill" and ("hf_prefill", r["context"]) in hf:
+            lines.append(f"- TTFT {r['method']} / transformers eager prefill, context {r['context']}: "
+                         f"{r['p50_ms'] / hf[('hf_prefill', r['context'])]:.2f}")  # fmt: skip
+        if r["op"] == "decode_step" and r["batch"] == 1 and ("hf_static_decode", r["context"]) in hf:
+            lines.append(f"- transformers static-cache step / {r['method']} w={r['window']} step (compiled "
+                         f"{r['compiled']}), context {r['context']}: {hf[('hf_static_decode', r['context'])] / r['p50_ms']:.2f}x")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -228,7 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=30, help="timed decode steps per configuration")
     parser.add_argument("--deadline-s", type=float, default=480.0, help="stop starting new configurations after this")
     parser.add_argument("--smoke", action="store_true", help="toy sizes on CPU (TRITON_INTERPRET=1), no CUDA graphs")
+    parser.add_argument("--compile", choices=("on", "off", "both"), default=None,
+                        help="engine.compile for the decode steps: on (what engine.compile=auto picks on a GPU; the "
+                             "default there), off (the default with --smoke), or both side by side")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="only the target cells: full, quest, retro w=2/8, 2048 tokens")
+    parser.add_argument("--no-transformers", action="store_true",
+                        help="skip the transformers rows (eager prefill, static-cache decode) and the engine's prefill rows")
     args = parser.parse_args(argv)
+    compiles = {"on": (True,), "off": (False,), "both": (True, False)}[args.compile or ("off" if args.smoke else "on")]
     t_start = time.perf_counter()
     cuda = torch.cuda.is_available() and not args.smoke
     device = "cuda" if cuda else "cpu"
@@ -267,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         emit({"op": "copy", "method": "-", "context": 0, "batch": 1, "budget": "-", "window": 0,
               "p50_ms": 0.0, "p10_ms": 0.0, "p90_ms": 0.0, "gbps": bw})  # fmt: skip
         measured: set[tuple[int, int]] = set()
-        for context, batch, name, budget, window in grid(args.smoke):
+        cells = [(*cell, comp) for cell in grid(args.smoke, args.quick) for comp in compiles]
+        for context, batch, name, budget, window, comp in cells:
             if time.perf_counter() - t_start > args.deadline_s:
                 print(f"deadline reached: skipping the rest from {name} ctx={context} B={batch}", flush=True)
                 break
@@ -285,9 +315,9 @@ def main(argv: list[str] | None = None) -> int:
             method = make_method(name, budget, window, dense_layers=2)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            r = bench_config(model, method, context, batch, cuda, timer, args.iters, device)
+            r = bench_config(model, method, context, batch, cuda, timer, args.iters, device, comp)
             row = {"op": "decode_step", "method": name, "context": context, "batch": batch, "budget": describe(budget),
-                   "window": window, **r, "graph": cuda,
+                   "window": window, **r, "graph": cuda, "compiled": comp,
                    "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else ""}  # fmt: skip
             if r["bytes"] is not None:
                 floor_ms = r["bytes"] / (bw * 1e9) * 1e3
@@ -295,6 +325,13 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 row.update(bytes="", gbps="", floor_ms="", x_floor="")
             emit(row)
+        if cuda and not args.no_transformers:
+            for context in (8192, 32768):
+                if time.perf_counter() - t_start > args.deadline_s:
+                    print(f"deadline reached: skipping the prefill and transformers rows at {context}", flush=True)
+                    break
+                prefill_rows(emit, model, context, timer, compiles[0])
+                transformers_rows(emit, model, context, timer)
     header = (f"# Decode-step latency, engine.backend=triton ({base['device']}, {args.model}{' smoke' if args.smoke else ''})"
               f"\n\ntorch {base['torch']}, triton {base['triton']}, git {base['git_sha'] or 'n/a'}; "
               f"floor = bytes / measured copy bandwidth ({bw:.0f} GB/s); CUDA graphs: {cuda}.")  # fmt: skip
@@ -319,6 +356,47 @@ def kernel_row(emit, spec: ModelSpec, context: int, batch: int, dtype: torch.dty
     kv = batch * context * 2 * spec.num_kv_heads * spec.head_dim * k.element_size()
     emit({"op": "attn_kernel", "method": "full", "context": context, "batch": batch, "budget": "-", "window": 1,
           **percentiles(ms), "bytes": kv, "gbps": kv / (statistics.median(ms) * 1e-3) / 1e9})  # fmt: skip
+
+
+def prefill_rows(emit, model, context: int, timer, compiled: bool) -> None:
+    """Time to first token of the engine's dense chunked prefill (batch 1) for full, quest and retro w=2."""
+    ids = torch.randint(0, 1000, (1, context), device="cuda")
+    for name, budget, window in (("full", None, 1), ("quest", {"tokens": 2048}, 1), ("retro", {"tokens": 2048}, 2)):
+        gc.collect()
+        torch.cuda.empty_cache()
+        engine = Engine(model, make_method(name, budget, window, dense_layers=2), page_size=16, backend="triton",
+                        compile=compiled)  # fmt: skip
+        ms = timer(lambda: engine.prefill(engine.new_request(context + 16), ids), 3, 1)
+        emit({"op": "prefill", "method": name, "context": context, "batch": 1, "budget": describe(budget),
+              "window": window, **percentiles(ms), "compiled": compiled})  # fmt: skip
+
+
+def transformers_rows(emit, model, context: int, timer) -> None:
+    """transformers on the same model: eager prefill (its default attention; no cache) and the decode step
+    of ``generate`` with a static cache (transformers compiles that forward itself), batch 1.
+
+    The step is ``(t(1 + n tokens) - t(1 token)) / n`` over two ``generate`` calls, each after a warm-up."""
+    ids = torch.randint(0, 1000, (1, context), device="cuda")
+    gc.collect()
+    torch.cuda.empty_cache()
+    with torch.inference_mode():
+        ms = timer(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), 3, 1)
+    emit({"op": "hf_prefill", "method": "transformers", "context": context, "batch": 1, "budget": "-", "window": 1,
+          **percentiles(ms)})  # fmt: skip
+    n = 64
+
+    def generate(new: int) -> None:
+        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
+                       pad_token_id=0)  # fmt: skip
+
+    try:
+        one, many = (timer(lambda k=k: generate(k), 3, 1) for k in (1, 1 + n))
+    except Exception as exc:  # noqa: BLE001 - a transformers version without static-cache generate: say so, go on
+        print(f"transformers static-cache generate failed at {context}: {type(exc).__name__}: {exc}", flush=True)
+        return
+    steps = [(b - a) / n for a, b in zip(one, many)]
+    emit({"op": "hf_static_decode", "method": "transformers", "context": context, "batch": 1, "budget": "-",
+          "window": 1, **percentiles(steps)})  # fmt: skip
 
 
 if __name__ == "__main__":

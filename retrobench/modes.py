@@ -79,6 +79,7 @@ class RunContext:
                 page_size=e.page_size,
                 prefill_chunk=e.prefill_chunk,
                 backend=e.backend,
+                compile=e.compile,
             )
         return self._full
 

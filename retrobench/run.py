@@ -217,6 +217,7 @@ def execute(cfg: DictConfig) -> Path | None:
             page_size=int(cfg.engine.page_size),
             prefill_chunk=int(cfg.engine.prefill_chunk),
             backend=str(cfg.engine.backend),
+            compile=cfg.engine.get("compile", "auto"),
             probe_every=int(getattr(task, "probe_every", 0) or 0),
         )
         samples = task.samples(tokenizer, seed)
@@ -318,6 +319,7 @@ def execute(cfg: DictConfig) -> Path | None:
         "backend": engine.backend,
         "device": str(engine.device),
         "batch_size": batch,
+        "compile": engine.compile,
         **summary,
     }
     results.write_json(folder / results.METRICS_FILE, record)

@@ -64,9 +64,14 @@ def test_triton_equals_reference(shape, device) -> None:
     q, cache, n_pages, q_pos = _case(*shape, torch.float32, device)
     args = (q, cache.k[0], cache.v[0], cache.page_table, n_pages, q_pos, shape[3] ** -0.5)
     expected = dense_attention_ref(*args)
+    n_max = cache.page_table.shape[1]
+    idx = torch.arange(n_max, device=device).view(1, 1, n_max)
+    every = torch.where(idx < n_pages.view(-1, 1, 1), idx, torch.full_like(idx, -1))  # as Forward.all_pages()
     with poisoned_empty():
         out = dense_attention(*args)
+        given = dense_attention(*args, pages=every)
     assert_close("out", out, expected, *TOL[torch.float32], seed=seed)
+    assert_close("out with the caller's page list", given, expected, *TOL[torch.float32], seed=seed)
 
 
 @pytest.mark.parametrize("name", sorted(METHOD_CASES))

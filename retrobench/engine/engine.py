@@ -33,7 +33,8 @@ import torch
 from retrobench.engine.batch import Stream, generate_batch, start
 from retrobench.engine.cache import PagedKVCache
 from retrobench.engine.graphs import CaptureGuard, GraphRunner, StepBuffers, make_forward
-from retrobench.engine.hook import Call, register
+from retrobench.engine.hook import Call, attend, register
+from retrobench.engine.layers import FusedLayers, unsupported_reason
 from retrobench.kernels.ops import BACKENDS, TritonUnavailable, get_ops, resolve_backend
 from retrobench.engine.sampling import Sampling
 from retrobench.methods.base import INT32_MAX, Accounting, ConfigError, Forward, Method, ModelSpec, state_tensors
@@ -78,6 +79,10 @@ class Request:
     eager: bool = False  # never capture (a batch-1 start of a sequence joining a batch: a few steps)
 
 
+def _attend(call: Call, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return attend(layer, q, k, v, call)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -102,6 +107,13 @@ class Engine:
     capture_check: run eager decode steps under :class:`~retrobench.engine.graphs.CaptureGuard`,
         which raises on any host synchronisation or host-built tensor (what breaks a CUDA-graph
         capture), kernel launches excepted: the CPU check of the graph-captured code.
+    compile: run decode steps through the fused layers (``retrobench/engine/layers.py``: Q/K/V and
+        gate/up as one projection each, norms, RoPE and the MLP's elementwise work fused by
+        ``torch.compile``; the attention is unchanged). ``auto``: on with ``backend=triton`` and CUDA
+        graphs on a CUDA device when the architecture is supported (Llama, Mistral, Qwen2), else off.
+        ``True`` on an unsupported architecture raises :class:`ConfigError`.
+    fused_layers: run every forward through the fused layers, uncompiled unless ``compile`` (tests
+        compare them with transformers' modules); ``None``: the same as ``compile``.
     """
 
     def __init__(
@@ -114,6 +126,8 @@ class Engine:
         probe_every: int = 0,
         cuda_graphs: bool = True,
         capture_check: bool = False,
+        compile: bool | str = "auto",
+        fused_layers: bool | None = None,
     ) -> None:
         if not isinstance(page_size, int) or page_size < 1 or page_size & (page_size - 1):
             raise ConfigError(f"engine.page_size must be a power of two (1, 2, 4, ..., 16, ...), got {page_size!r}")
@@ -155,6 +169,20 @@ class Engine:
         )
         self.max_context = int(getattr(cfg, "max_position_embeddings", 1 << 30))
         self.scaling = head_dim**-0.5
+        self.compile = self._resolve_compile(compile)
+        fused = self.compile if fused_layers is None else fused_layers
+        self.layers = FusedLayers(model) if fused else None
+
+    def _resolve_compile(self, value: bool | str) -> bool:
+        """``engine.compile`` as a bool: ``auto`` is on where the fused layers and CUDA graphs both run."""
+        if value not in ("auto", True, False):
+            raise ConfigError(f"engine.compile must be auto, true or false, got {value!r}")
+        reason = unsupported_reason(self.model)
+        if value == "auto":
+            return reason is None and self.graphs_enabled
+        if value and reason is not None:
+            raise ConfigError(f"engine.compile=true cannot run this model: {reason}; allowed here: false, auto")
+        return bool(value)
 
     @property
     def graphs_enabled(self) -> bool:
@@ -198,6 +226,9 @@ class Engine:
 
     def _run(self, ids: torch.Tensor, call: Call) -> torch.Tensor:
         call.fwd.memo.clear()
+        if self.layers is not None:
+            compiled = self.compile and call.fwd.phase == "decode"
+            return self.layers.forward(ids, call.fwd.pos, functools.partial(_attend, call), compiled)
         with self._our_attention():
             out = self.model(input_ids=ids, position_ids=call.fwd.pos, use_cache=False, logits_to_keep=1, rb=call)
         return out.logits[:, -1].float()

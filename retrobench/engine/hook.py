@@ -8,7 +8,8 @@ that read them) through the kernel ops, and lets the method attend. After the la
 decode step it folds the step's accounting. The per-forward context travels as the keyword
 argument ``rb`` that transformers forwards untouched from ``model(...)`` down to the attention
 call, so nothing global is mutated per request; the same function serves both backends, eager
-and inside a CUDA graph.
+and inside a CUDA graph, and the fused layers (``retrobench/engine/layers.py``) call its body,
+:func:`attend`, directly.
 
 Registering is idempotent: the name ``retrobench`` maps to the same pure function every time.
 """
@@ -54,7 +55,15 @@ def retrobench_attention(
     """``query [B, H, S, D]``, ``key/value [B, H_kv, S, D]`` -> ``([B, S, H, D], None)``."""
     if rb is None:
         raise RuntimeError("the retrobench attention implementation must be driven by retrobench.engine.Engine")
-    layer = module.layer_idx
+    return attend(module.layer_idx, query, key, value, rb), None
+
+
+def attend(layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rb: Call) -> torch.Tensor:
+    """Layer ``layer``'s attention for one forward: write K/V, let the method attend, fold accounting.
+
+    ``query [B, H, S, D]``, ``key/value [B, H_kv, S, D]`` (post-RoPE) -> ``[B, S, H, D]``. Both the
+    transformers path (:func:`retrobench_attention`) and the fused layers call it.
+    """
     method, fwd = rb.method, rb.fwd
     c, ops = fwd.cache, fwd.ops
     slots = fwd.derived("kv_slots", lambda: torch.gather(c.token_table().long(), 1, fwd.pos))  # once per forward
@@ -70,7 +79,7 @@ def retrobench_attention(
             fwd.acct.add_layers({"mass_recall": recall.unsqueeze(0), "attn_out_rel_err": error.unsqueeze(0)})
         if layer == fwd.spec.num_layers - 1:
             fwd.acct.step({**method.end_step(fwd), "context": fwd.ends.float()})
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
 
 
 def probe_dense(
