@@ -4,8 +4,10 @@ Why a separate op: a prompt attends every key before each query, and most method
 output there (none merges prefill states). ``dense_attention_ref`` defines it through the sparse
 reference over every page. ``dense_attention_sdpa`` gathers each sequence's prefix once and calls
 PyTorch's ``scaled_dot_product_attention`` (fused kernels on CPU and GPU: no fp32 ``[S, T]`` score
-matrix built op by op); it is the torch backend's implementation, proven equal to the reference by
-tests. ``dense_attention`` is the Triton sparse-attention kernel over every page (its LSE dropped).
+matrix built op by op; a chunk whose queries are the last S of T positions in every row is
+lower-right causal, run by the flash / memory-efficient kernels without a mask tensor); it is the
+torch backend's ``dense_attention`` and both backends' ``prefill_attention``, proven equal to the
+reference by tests. ``dense_attention`` is the Triton sparse-attention kernel over every page (its LSE dropped).
 A method that needs the prefill LSE (InfLLM's representative scores, TOVA's last row) asks
 ``attend_dense(..., need_lse=True)``, which takes the sparse op.
 
@@ -19,6 +21,7 @@ Shapes (glossary in methods/base.py): ``q [B, H, S, D]``, ``k_cache``/``v_cache`
 from __future__ import annotations
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 from retrobench.kernels.paged_attention import sparse_paged_attention, sparse_paged_attention_ref
 
@@ -62,8 +65,13 @@ def dense_attention_sdpa(q, k_cache, v_cache, page_table, n_pages, q_pos, scalin
     else:
         k = k_cache[phys].reshape(B, n * P, H_kv, D)[:, :T].transpose(1, 2)
         v = v_cache[phys].reshape(B, n * P, H_kv, D)[:, :T].transpose(1, 2)
-    mask = torch.arange(T, device=q.device).view(1, 1, 1, T) <= q_pos.long().view(B, 1, S, 1)
     k, v = k.to(q.dtype), v.to(q.dtype)
+    if torch.equal(q_pos, torch.arange(T - S, T, device=q_pos.device).expand(B, S)):
+        # every row's queries are the last S of its T keys (a prefill chunk): lower-right causal,
+        # which PyTorch runs as flash / memory-efficient attention without a mask tensor
+        mask = causal_lower_right(S, T)
+    else:
+        mask = torch.arange(T, device=q.device).view(1, 1, 1, T) <= q_pos.long().view(B, 1, S, 1)
     try:  # GQA without copying K/V (torch >= 2.5)
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
     except TypeError:

@@ -5,7 +5,10 @@ implementation of each op runs:
 
 * ``torch``: the plain-PyTorch references (``<op>_ref``), on any device. They define the results
   and may synchronise with the host, so decode steps built on them are never graph-captured. One
-  exception: ``dense_attention`` (prefill) is PyTorch's fused SDPA, proven equal to its reference.
+  exception: ``dense_attention`` is PyTorch's fused SDPA, proven equal to its reference.
+* both: ``prefill_attention`` (a prompt chunk's dense causal attention, never graph-captured) is
+  PyTorch's SDPA (flash / memory-efficient kernels on a GPU, lower-right causal), proven equal to
+  ``dense_attention_ref``.
 * ``triton``: the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``), or, for ops that need
   no kernel, a static-shape PyTorch version; none synchronises with the host, so a whole decode
   step can be captured in a CUDA graph. A Triton op never falls back to its reference: where it
@@ -49,6 +52,7 @@ class Ops:
     merge_states: Callable
     paged_logits: Callable
     dense_attention: Callable
+    prefill_attention: Callable
 
     def impl(self) -> dict[str, Callable]:
         return {k: v for k, v in vars(self).items() if callable(v)}
@@ -58,7 +62,7 @@ TORCH_OPS = Ops(
     name="torch",
     capturable=False,
     kernels=frozenset({"sparse_attention", "page_scores", "topk_forced", "update_page_minmax", "write_kv",
-                       "merge_states", "paged_logits", "dense_attention"}),  # fmt: skip
+                       "merge_states", "paged_logits", "dense_attention", "prefill_attention"}),  # fmt: skip
     sparse_attention=paged_attention.sparse_paged_attention_ref,
     page_scores=quest.quest_page_scores_ref,
     topk_forced=topk.topk_forced_ref,
@@ -67,13 +71,14 @@ TORCH_OPS = Ops(
     merge_states=merge.merge_states_ref,
     paged_logits=scores.paged_logits_ref,
     dense_attention=dense.dense_attention_sdpa,
+    prefill_attention=dense.dense_attention_sdpa,
 )
 
 TRITON_OPS = Ops(
     name="triton",
     capturable=True,
     kernels=frozenset({"sparse_attention", "page_scores", "update_page_minmax", "merge_states", "paged_logits",
-                       "dense_attention"}),  # fmt: skip
+                       "dense_attention", "prefill_attention"}),  # fmt: skip
     sparse_attention=paged_attention.sparse_paged_attention,
     page_scores=quest.quest_page_scores,
     topk_forced=topk.topk_forced,
@@ -82,7 +87,13 @@ TRITON_OPS = Ops(
     merge_states=merge.merge_states,
     paged_logits=scores.paged_logits,
     dense_attention=dense.dense_attention,
+    prefill_attention=dense.dense_attention_sdpa,
 )
+
+#: ``engine.prefill_chunk=auto``: prompt tokens per prefill forward by device type. On a GPU a chunk
+#: reads every weight once, so small chunks cost weight traffic (8B bf16: 16 GB per chunk); on CPU
+#: 512 keeps activations small (and the hash of runs made before ``auto`` existed).
+PREFILL_CHUNK = {"cpu": 512, "cuda": 8192}
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> str:
@@ -95,6 +106,16 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
     device = str(device)
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     return "triton" if cuda and importlib.util.find_spec("triton") is not None else "torch"
+
+
+def resolve_prefill_chunk(chunk: int | str, device: torch.device | str) -> int | str:
+    """``auto`` -> :data:`PREFILL_CHUNK` of the device type (``auto`` devices: CUDA when a GPU is
+    visible); any other value is returned as is."""
+    if chunk != "auto":
+        return chunk
+    device = str(device)
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return PREFILL_CHUNK["cuda" if cuda else "cpu"]
 
 
 def get_ops(backend: str, device: torch.device | str = "cpu") -> Ops:
@@ -111,4 +132,5 @@ def get_ops(backend: str, device: torch.device | str = "cpu") -> Ops:
     raise ValueError(f"backend={backend!r}; allowed: {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "Ops", "TORCH_OPS", "TRITON_OPS", "TritonUnavailable", "get_ops", "resolve_backend"]
+__all__ = ["BACKENDS", "PREFILL_CHUNK", "Ops", "TORCH_OPS", "TRITON_OPS", "TritonUnavailable", "get_ops",
+           "resolve_backend", "resolve_prefill_chunk"]

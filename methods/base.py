@@ -406,13 +406,14 @@ def attend_dense(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal attention of ``q [B, H, S, D]`` over every page of the context (optionally only the
     keys ``key_mask [B, T_max]`` keeps): full attention, dense layers and prefill alike. Without a
-    mask and with ``need_lse=False`` it is the ``dense_attention`` op (prefill's: fused, no LSE)
-    and returns ``(out, None)``."""
+    mask and with ``need_lse=False`` it is the ``prefill_attention`` op in a prefill (SDPA) and the
+    ``dense_attention`` op in a decode step, and returns ``(out, None)``."""
     c = fwd.cache
     if key_mask is None and not need_lse:
-        out = fwd.ops.dense_attention(q, c.k[layer], c.v[layer], c.page_table, fwd.n_pages, fwd.pos, fwd.scaling,
-                                      pages=fwd.all_pages())  # fmt: skip
-        return out, None
+        args = (q, c.k[layer], c.v[layer], c.page_table, fwd.n_pages, fwd.pos, fwd.scaling)
+        if fwd.phase == "prefill":
+            return fwd.ops.prefill_attention(*args), None
+        return fwd.ops.dense_attention(*args, pages=fwd.all_pages()), None
     pages = fwd.all_pages().expand(-1, fwd.spec.num_kv_heads, -1)
     mask = None if key_mask is None else key_mask.unsqueeze(1).expand(-1, fwd.spec.num_kv_heads, -1)
     return fwd.ops.sparse_attention(

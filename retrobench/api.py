@@ -100,7 +100,7 @@ def generate(
     seed: int = 0,
     backend: str | None = None,
     page_size: int = 16,
-    prefill_chunk: int = 512,
+    prefill_chunk: int | str = "auto",
     batch_size: int = 1,
     **settings: Any,
 ) -> list[Output]:

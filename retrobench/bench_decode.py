@@ -254,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="engine.compile for the decode steps: on (what engine.compile=auto picks on a GPU; the "
                              "default there), off (the default with --smoke), or both side by side")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="only the target cells: full, quest, retro w=2/8, 2048 tokens")
-    parser.add_argument("--no-transformers", action="store_true",
-                        help="skip the transformers rows (eager prefill, static-cache decode) and the engine's prefill rows")
+    parser.add_argument("--parts", default="decode,prefill",
+                        help="comma list: decode (the decode-step grid), prefill (the engine's prefill and transformers' "
+                             "eager prefill and static-cache decode at 8K and 32K, batch 1)")  # fmt: skip
     args = parser.parse_args(argv)
     compiles = {"on": (True,), "off": (False,), "both": (True, False)}[args.compile or ("off" if args.smoke else "on")]
     t_start = time.perf_counter()
@@ -296,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         emit({"op": "copy", "method": "-", "context": 0, "batch": 1, "budget": "-", "window": 0,
               "p50_ms": 0.0, "p10_ms": 0.0, "p90_ms": 0.0, "gbps": bw})  # fmt: skip
         measured: set[tuple[int, int]] = set()
-        cells = [(*cell, comp) for cell in grid(args.smoke, args.quick) for comp in compiles]
+        parts = set(args.parts.split(","))
+        cells = [(*cell, comp) for cell in grid(args.smoke, args.quick) for comp in compiles] if "decode" in parts else []
         for context, batch, name, budget, window, comp in cells:
             if time.perf_counter() - t_start > args.deadline_s:
                 print(f"deadline reached: skipping the rest from {name} ctx={context} B={batch}", flush=True)
@@ -325,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 row.update(bytes="", gbps="", floor_ms="", x_floor="")
             emit(row)
-        if cuda and not args.no_transformers:
+        if cuda and "prefill" in parts:
             for context in (8192, 32768):
                 if time.perf_counter() - t_start > args.deadline_s:
                     print(f"deadline reached: skipping the prefill and transformers rows at {context}", flush=True)
@@ -359,7 +361,8 @@ def kernel_row(emit, spec: ModelSpec, context: int, batch: int, dtype: torch.dty
 
 
 def prefill_rows(emit, model, context: int, timer, compiled: bool) -> None:
-    """Time to first token of the engine's dense chunked prefill (batch 1) for full, quest and retro w=2."""
+    """Time to first token of the engine's dense chunked prefill (batch 1, ``engine.prefill_chunk=auto``)
+    for full, quest and retro w=2, and of full with the CPU default chunk of 512 tokens."""
     ids = torch.randint(0, 1000, (1, context), device="cuda")
     for name, budget, window in (("full", None, 1), ("quest", {"tokens": 2048}, 1), ("retro", {"tokens": 2048}, 2)):
         gc.collect()
@@ -369,6 +372,11 @@ def prefill_rows(emit, model, context: int, timer, compiled: bool) -> None:
         ms = timer(lambda: engine.prefill(engine.new_request(context + 16), ids), 3, 1)
         emit({"op": "prefill", "method": name, "context": context, "batch": 1, "budget": describe(budget),
               "window": window, **percentiles(ms), "compiled": compiled})  # fmt: skip
+    engine = Engine(model, make_method("full", None, 1, 2), page_size=16, backend="triton", prefill_chunk=512,
+                    compile=compiled)  # fmt: skip
+    ms = timer(lambda: engine.prefill(engine.new_request(context + 16), ids), 3, 1)
+    emit({"op": "prefill_chunk512", "method": "full", "context": context, "batch": 1, "budget": "-", "window": 1,
+          **percentiles(ms), "compiled": compiled})  # fmt: skip
 
 
 def transformers_rows(emit, model, context: int, timer) -> None:

@@ -50,14 +50,17 @@ def semantic_config(cfg: Any) -> dict[str, Any]:
     """The resolved config as plain data, without :data:`EXCLUDED_KEYS`."""
     from omegaconf import DictConfig, OmegaConf
 
-    from retrobench.kernels.ops import resolve_backend
+    from retrobench.kernels.ops import resolve_backend, resolve_prefill_chunk
 
     data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     out = {k: v for k, v in data.items() if k not in EXCLUDED_KEYS}  # type: ignore[union-attr]
-    if isinstance(out.get("engine"), Mapping):  # engine.backend=auto hashes as the backend it picks
+    if isinstance(out.get("engine"), Mapping):  # backend / prefill_chunk = auto hash as what they pick
         engine = {k: v for k, v in out["engine"].items() if k not in EXCLUDED_ENGINE_KEYS}
+        device = str(data.get("device", "cpu"))
         if "backend" in engine:
-            engine["backend"] = resolve_backend(str(engine["backend"]), str(data.get("device", "cpu")))
+            engine["backend"] = resolve_backend(str(engine["backend"]), device)
+        if "prefill_chunk" in engine:
+            engine["prefill_chunk"] = resolve_prefill_chunk(engine["prefill_chunk"], device)
         out["engine"] = engine
     return out
 

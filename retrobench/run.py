@@ -215,7 +215,7 @@ def execute(cfg: DictConfig) -> Path | None:
             model,
             method,
             page_size=int(cfg.engine.page_size),
-            prefill_chunk=int(cfg.engine.prefill_chunk),
+            prefill_chunk=cfg.engine.prefill_chunk,
             backend=str(cfg.engine.backend),
             compile=cfg.engine.get("compile", "auto"),
             probe_every=int(getattr(task, "probe_every", 0) or 0),

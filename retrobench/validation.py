@@ -87,8 +87,8 @@ def check_engine(engine: DictConfig, device: str) -> None:
             f"engine.page_size must be a power of two (1, 2, 4, ..., 16, ...), got {page_size}"
         )
     chunk = engine.get("prefill_chunk")
-    if not isinstance(chunk, int) or chunk < 1:
-        raise RunConfigError(f"engine.prefill_chunk must be an integer >= 1, got {chunk}")
+    if chunk != "auto" and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+        raise RunConfigError(f"engine.prefill_chunk must be an integer >= 1 or auto, got {chunk}")
     dtype = engine.get("dtype")
     if dtype is not None and dtype not in DTYPES:
         raise RunConfigError(

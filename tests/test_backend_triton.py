@@ -95,7 +95,7 @@ def assert_equivalent(runs, name: str, atol: float = 1e-4) -> None:
         assert set(ours) - {"peak_memory_bytes"} == keys, f"{name}: accounting keys differ"
         for key in keys:
             assert ours[key] == pytest.approx(ref[key], rel=1e-6, abs=1e-9), f"{name}: {key}"
-    assert calls["dense_attention"] > 0 and calls["write_kv"] > 0, f"{name}: the triton ops never ran"  # prefill
+    assert calls["prefill_attention"] > 0 and calls["write_kv"] > 0, f"{name}: the triton ops never ran"  # prefill
     assert (calls["sparse_attention"] > 0) == (name != "full"), f"{name}: sparse_attention {calls['sparse_attention']}"
     needed = {"page_scores": "quest" in name or name.startswith("retro-quest"),
               "paged_logits": any(k in name for k in ("oracle", "infllm", "tova")),

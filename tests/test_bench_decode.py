@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -27,3 +28,17 @@ def test_bench_decode_smoke_writes_rows(tmp_path: Path) -> None:
     by = {r["method"]: int(r["bytes"]) for r in steps if r["bytes"]}
     assert by["quest"] < by["full"] and by["retro"] == by["quest"]
     assert "retro/quest" in (tmp_path / "decode_smoke.md").read_text()
+
+
+def test_profile_kinds_and_cpu_refusal(capsys) -> None:
+    from retrobench import bench_profile
+
+    kinds = {name: bench_profile.kind_of(name) for name in (
+        "_sparse_paged_attention_kernel", "nvjet_hsh_64x8_64x16_2x1_v_bz_splitK_TNT", "triton_red_fused_add_mean_pow_0",
+        "void at::native::vectorized_elementwise_kernel<4, ...>", "void at::native::index_elementwise_kernel<...>",
+        "void at::native::sbtopk::gatherTopK<...>", "something_else")}  # fmt: skip
+    assert list(kinds.values()) == ["retrobench triton", "projections (GEMM)", "fused elementwise (inductor)",
+                                    "copy / elementwise", "index / scatter / gather", "top-k / sort", "other"]
+    if not torch.cuda.is_available():
+        assert bench_profile.main(["--out", "/nonexistent-unused"]) == 2
+        assert "run it on a GPU" in capsys.readouterr().out

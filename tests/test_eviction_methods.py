@@ -53,7 +53,7 @@ def step_through(engine, ids: list[int], n: int, check) -> None:
     ids=["streaming-tokens", "streaming-fraction", "tova-tokens", "tova-fraction"],
 )  # fmt: skip
 def test_full_budget_equals_full_attention(tiny_random, method):
-    """Exact on the reference ops: full attention's dense_attention op (SDPA on the torch backend)
+    """Exact on the reference ops: full attention's dense_attention and prefill_attention ops (SDPA)
     rounds differently from the sparse reference the eviction methods decode with, so both sides
     use the reference here (tests/test_kernels_dense.py proves SDPA equal to it within fp32)."""
     import dataclasses
@@ -65,7 +65,7 @@ def test_full_budget_equals_full_attention(tiny_random, method):
     ids = prompt(model)
     engines = [Engine(model, FullMethod()), Engine(model, method)]
     for engine in engines:
-        engine.ops = dataclasses.replace(TORCH_OPS, dense_attention=dense_attention_ref)
+        engine.ops = dataclasses.replace(TORCH_OPS, dense_attention=dense_attention_ref, prefill_attention=dense_attention_ref)
     ref, gen = (engine.generate(ids, N, keep_logits=True) for engine in engines)
     assert gen.tokens == ref.tokens
     torch.testing.assert_close(gen.logits, ref.logits, rtol=1e-5, atol=1e-6)

@@ -57,6 +57,28 @@ def test_sdpa_equals_reference(shape, dtype, remap) -> None:
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 6, 2, 16, 8, 45, 13), (1, 8, 2, 64, 16, 300, 300), (2, 4, 1, 128, 16, 200, 64)],
+                         ids=lambda s: "x".join(map(str, s)))  # fmt: skip
+def test_sdpa_prefill_chunk_equals_reference(shape, dtype, device) -> None:
+    """Every row's queries are the last S of its T keys (a prefill chunk): the lower-right causal
+    path (flash / memory-efficient attention on a GPU) against the reference."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    seed = fresh_seed()
+    B, H, H_kv, D, P, T, S = shape
+    cache = PagedKVCache(1, H_kv, D, P, T + P, B, dtype, device, page_meta=False)
+    cache.k.normal_()
+    cache.v.normal_()
+    q_pos = torch.arange(T - S, T, device=device).expand(B, S).contiguous()
+    n_pages = torch.full((B,), -(-T // P), device=device)
+    q = torch.randn(B, H, S, D, device=device).to(dtype)
+    args = (q, cache.k[0], cache.v[0], cache.page_table, n_pages, q_pos, D**-0.5)
+    tol = TOL[dtype] if device == "cpu" else {torch.float32: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}[dtype]
+    assert_close("out", dense_attention_sdpa(*args), dense_attention_ref(*args), *tol, seed=seed)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("shape", SHAPES[:2], ids=lambda s: "x".join(map(str, s)))
 def test_triton_equals_reference(shape, device) -> None:
     needs_kernel_device(device)
@@ -80,7 +102,8 @@ def test_prefill_through_the_dense_op_equals_the_old_prefill(tiny_random, name: 
     model, _ = tiny_random
     prompt = random_prompt(77, model.config.vocab_size, 7)  # 3 chunks of 32, the last partial
     runs = {}
-    for label, ops in (("new", TORCH_OPS), ("old", dataclasses.replace(TORCH_OPS, dense_attention=dense_attention_ref))):
+    old = dataclasses.replace(TORCH_OPS, dense_attention=dense_attention_ref, prefill_attention=dense_attention_ref)
+    for label, ops in (("new", TORCH_OPS), ("old", old)):
         engine = Engine(model, make_case(name), page_size=8, prefill_chunk=32)
         engine.ops = ops
         request = engine.new_request(len(prompt) + 8)

@@ -25,8 +25,12 @@ def test_hash_is_stable_and_ignores_non_semantic_keys() -> None:
     for same in ("logger=wandb", "results_dir=/elsewhere", "overwrite=true", "engine.batch_size=8",
                  "engine.backend=torch"):  # fmt: skip
         assert results.run_hash(_cfg(same)) == base, same  # backend=auto on CPU hashes as torch
-    torch_hash = results.run_hash(_cfg("engine.backend=torch", "device=cuda"))
-    assert torch_hash == base  # the device alone never changes the hash
+    torch_hash = results.run_hash(_cfg("engine.backend=torch", "device=cuda", "engine.prefill_chunk=512"))
+    assert torch_hash == base  # the device alone never changes the hash; auto settings hash as what they pick:
+    assert results.run_hash(_cfg("engine.prefill_chunk=512")) == base  # prefill_chunk=auto is 512 on CPU
+    assert results.run_hash(_cfg("engine.backend=torch", "device=cuda")) == results.run_hash(
+        _cfg("engine.backend=torch", "device=cuda", "engine.prefill_chunk=8192"))  # and 8192 on a GPU  # fmt: skip
+    assert results.run_hash(_cfg("engine.compile=true")) == base  # compiled layers: speed, not results
     # engine.backend=auto on a GPU is the triton backend: the same folder as asking for triton there
     triton = results.run_hash(_cfg("engine.backend=triton", "device=cuda"))
     auto = results.run_hash(_cfg("device=cuda"))

@@ -35,7 +35,7 @@ from retrobench.engine.cache import PagedKVCache
 from retrobench.engine.graphs import CaptureGuard, GraphRunner, StepBuffers, make_forward
 from retrobench.engine.hook import Call, attend, register
 from retrobench.engine.layers import FusedLayers, unsupported_reason
-from retrobench.kernels.ops import BACKENDS, TritonUnavailable, get_ops, resolve_backend
+from retrobench.kernels.ops import BACKENDS, TritonUnavailable, get_ops, resolve_backend, resolve_prefill_chunk
 from retrobench.engine.sampling import Sampling
 from retrobench.methods.base import INT32_MAX, Accounting, ConfigError, Forward, Method, ModelSpec, state_tensors
 
@@ -96,7 +96,8 @@ class Engine:
     model: a transformers causal LM with RoPE attention (Llama, Mistral, Qwen2...).
     method: a :class:`retrobench.methods.base.Method`.
     page_size: P, a power of two.
-    prefill_chunk: prompt tokens per dense prefill forward.
+    prefill_chunk: prompt tokens per dense prefill forward, or ``auto`` (512 on CPU, 8192 on a CUDA
+        device: :data:`retrobench.kernels.ops.PREFILL_CHUNK`).
     backend: ``torch`` (the ops' PyTorch references), ``triton`` (the Triton kernels: a CUDA GPU,
         or CPU under ``TRITON_INTERPRET=1``) or ``auto`` (triton on a CUDA model, else torch).
         Every method runs on both.
@@ -121,7 +122,7 @@ class Engine:
         model: torch.nn.Module,
         method: Method,
         page_size: int = 16,
-        prefill_chunk: int = 512,
+        prefill_chunk: int | str = "auto",
         backend: str = "torch",
         probe_every: int = 0,
         cuda_graphs: bool = True,
@@ -133,10 +134,11 @@ class Engine:
             raise ConfigError(f"engine.page_size must be a power of two (1, 2, 4, ..., 16, ...), got {page_size!r}")
         param = next(model.parameters())
         backend = resolve_backend(backend, param.device)
+        prefill_chunk = resolve_prefill_chunk(prefill_chunk, param.device)
         if backend not in BACKENDS:
             raise ConfigError(f"engine.backend={backend} is not available; allowed: auto, {', '.join(BACKENDS)}")
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
-            raise ConfigError(f"engine.prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+            raise ConfigError(f"engine.prefill_chunk must be an integer >= 1 or auto, got {prefill_chunk!r}")
         self.model = model
         self.method = method
         self.page_size = page_size

@@ -1,0 +1,126 @@
+"""Where a decode step's GPU time goes: kernel-time sums and kernel counts per kind of kernel.
+
+``python -m retrobench.bench_profile`` (on a GPU) builds the bench's Llama-3.1-8B-shaped random
+model, fills a cache as ``bench_decode`` does, and runs a few eager decode steps (the same kernels
+a CUDA graph replays, launched one by one) of full, quest and retro under ``torch.profiler``. Per
+method it writes the GPU kernel time per step, the number of kernels per step, and both split by
+kind: projections (cuBLAS / CUTLASS GEMMs), fused elementwise (inductor's Triton kernels, with
+``engine.compile``), retrobench's Triton kernels (attention, Quest scores, page min/max, merge),
+top-k / sort, index / scatter / gather, copies and other elementwise kernels, the rest. The floor
+column of ``decode.md`` says how far the sum is from the bytes a step must read.
+
+Rows go to ``<out>/profile.csv`` (method, kind, kernel, per-step count and microseconds) and the
+summary to ``<out>/profile.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from retrobench.bench_decode import fill_cache, load_random_model, make_method
+from retrobench.engine import Engine
+from retrobench.results import environment
+
+#: (kind, substrings of the kernel name), first match wins.
+KINDS = (
+    ("retrobench triton", ("_sparse_paged_attention", "_reduce_splits", "_quest_page_scores", "_update_page_minmax",
+                           "_merge_states", "_paged_logits")),
+    ("projections (GEMM)", ("gemm", "gemv", "cutlass", "nvjet", "xmma", "cublas", "splitk")),
+    ("fused elementwise (inductor)", ("triton_",)),
+    ("top-k / sort", ("topk", "sort", "radix", "select")),
+    ("index / scatter / gather", ("index", "scatter", "gather")),
+    ("copy / elementwise", ("elementwise", "copy", "fill", "reduce", "cat", "where")),
+)  # fmt: skip
+CASES = (("full", None, 1), ("quest", {"tokens": 2048}, 1), ("retro", {"tokens": 2048}, 2), ("retro", {"tokens": 2048}, 8))
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, keys in KINDS:
+        if any(k.lower() in low for k in keys):
+            return kind
+    return "other"
+
+
+def profile_step(engine: Engine, context: int, batch: int, steps: int) -> dict[str, tuple[int, float]]:
+    """Per kernel name: (launches per step, microseconds per step) over ``steps`` eager decode steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    S = engine.method.reprocess_window
+    request = engine.new_request(context, batch)
+    fill_cache(engine, request, context - 1)
+    positions = torch.arange(context - S, context).expand(batch, S).contiguous()
+    ids = torch.randint(0, 256, (batch, S), device=engine.device)
+    for _ in range(3):  # compile, warm up
+        engine.forward(request, ids, positions, "decode", S + 8)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.forward(request, ids, positions, "decode", S + 8)
+        torch.cuda.synchronize()
+    out: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            out[event.name][0] += 1
+            out[event.name][1] += event.device_time
+    return {k: (round(n / steps), us / steps) for k, (n, us) in out.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m retrobench.bench_profile", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="results/bench", help="folder for profile.csv and profile.md")
+    parser.add_argument("--model", default="llama31_8b_random")
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5, help="profiled decode steps per method")
+    parser.add_argument("--compile", choices=("on", "off"), default="on", help="engine.compile of the profiled steps")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_profile profiles CUDA kernels: run it on a GPU")
+        return 2
+    env = environment("triton", "cuda")
+    model = load_random_model(args.model, "cuda", torch.bfloat16)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, summary = [], []
+    for name, budget, window in CASES:
+        method = make_method(name, budget, window, dense_layers=2)
+        engine = Engine(model, method, page_size=16, backend="triton", cuda_graphs=False, compile=args.compile == "on")
+        kernels = profile_step(engine, args.context, args.batch, args.steps)
+        label = f"{name} w={window}" if name == "retro" else name
+        kinds: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+        for kernel, (n, us) in kernels.items():
+            kind = kind_of(kernel)
+            kinds[kind][0] += n
+            kinds[kind][1] += us
+            rows.append({"method": label, "kind": kind, "kernel": kernel[:200], "count": n, "us": round(us, 2)})
+        total_n, total_us = sum(n for n, _ in kernels.values()), sum(us for _, us in kernels.values())
+        summary.append((label, total_n, total_us, dict(kinds), sorted(kernels.items(), key=lambda kv: -kv[1][1])[:8]))
+        print(f"{label}: {total_us / 1e3:.3f} ms of kernels in {total_n} kernels per step", flush=True)
+        del engine
+        torch.cuda.empty_cache()
+    with (out / "profile.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=("method", "kind", "kernel", "count", "us"))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [f"# Decode-step kernel profile ({env['device_name']}, {args.model}, context {args.context}, batch {args.batch})",
+             "", f"torch {env['torch']}, triton {env['triton']}, git {env['git_sha'] or 'n/a'}; engine.compile "
+             f"{args.compile}; eager steps under torch.profiler, per step (mean of {args.steps}); budget 2048 tokens, "
+             "2 dense layers.", ""]  # fmt: skip
+    for label, n, us, kinds, top in summary:
+        lines += [f"## {label}: {us / 1e3:.3f} ms of kernel time in {n} kernels", "", "| kind | kernels | ms |", "|---|---|---|"]
+        lines += [f"| {k} | {c} | {t / 1e3:.3f} |" for k, (c, t) in sorted(kinds.items(), key=lambda kv: -kv[1][1])]
+        lines += ["", "Largest kernels: " + "; ".join(f"`{k[:60]}` x{c} {t / 1e3:.3f} ms" for k, (c, t) in top), ""]
+    (out / "profile.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / 'profile.csv'} and {out / 'profile.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
