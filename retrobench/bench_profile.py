@@ -10,7 +10,8 @@ top-k / sort, index / scatter / gather, copies and other elementwise kernels, th
 column of ``decode.md`` says how far the sum is from the bytes a step must read.
 
 Rows go to ``<out>/profile.csv`` (method, kind, kernel, per-step count and microseconds) and the
-summary to ``<out>/profile.md``.
+summary to ``<out>/profile.md``; ``--phase prefill`` profiles one prefill instead (full attention,
+``profile_prefill.*``), with SDPA's attention kernels as their own kind.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from retrobench.results import environment
 KINDS = (
     ("retrobench triton", ("_sparse_paged_attention", "_reduce_splits", "_quest_page_scores", "_update_page_minmax",
                            "_merge_states", "_paged_logits")),
+    ("SDPA attention (prefill)", ("flash", "fmha", "efficient_attention", "attention_kernel")),
     ("projections (GEMM)", ("gemm", "gemv", "cutlass", "nvjet", "xmma", "cublas", "splitk")),
     ("fused elementwise (inductor)", ("triton_",)),
     ("top-k / sort", ("topk", "sort", "radix", "select")),
@@ -48,10 +50,32 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def profile_step(engine: Engine, context: int, batch: int, steps: int) -> dict[str, tuple[int, float]]:
-    """Per kernel name: (launches per step, microseconds per step) over ``steps`` eager decode steps."""
+def kernel_times(run, repeats: int) -> dict[str, tuple[int, float]]:
+    """Per CUDA kernel name: (launches, microseconds) per call of ``run()``, over ``repeats`` profiled calls."""
     from torch.profiler import ProfilerActivity, profile
 
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            run()
+        torch.cuda.synchronize()
+    out: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            out[event.name][0] += 1
+            out[event.name][1] += event.device_time
+    return {k: (round(n / repeats), us / repeats) for k, (n, us) in out.items()}
+
+
+def profile_prefill(engine: Engine, context: int) -> dict[str, tuple[int, float]]:
+    """Per kernel name: (launches, microseconds) of one batch-1 prefill of ``context`` tokens."""
+    ids = torch.randint(0, 1000, (1, context), device=engine.device)
+    engine.prefill(engine.new_request(context + 16), ids)  # warm up
+    return kernel_times(lambda: engine.prefill(engine.new_request(context + 16), ids), 1)
+
+
+def profile_step(engine: Engine, context: int, batch: int, steps: int) -> dict[str, tuple[int, float]]:
+    """Per kernel name: (launches per step, microseconds per step) over ``steps`` eager decode steps."""
     S = engine.method.reprocess_window
     request = engine.new_request(context, batch)
     fill_cache(engine, request, context - 1)
@@ -59,17 +83,7 @@ def profile_step(engine: Engine, context: int, batch: int, steps: int) -> dict[s
     ids = torch.randint(0, 256, (batch, S), device=engine.device)
     for _ in range(3):  # compile, warm up
         engine.forward(request, ids, positions, "decode", S + 8)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            engine.forward(request, ids, positions, "decode", S + 8)
-        torch.cuda.synchronize()
-    out: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            out[event.name][0] += 1
-            out[event.name][1] += event.device_time
-    return {k: (round(n / steps), us / steps) for k, (n, us) in out.items()}
+    return kernel_times(lambda: engine.forward(request, ids, positions, "decode", S + 8), steps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5, help="profiled decode steps per method")
     parser.add_argument("--compile", choices=("on", "off"), default="on", help="engine.compile of the profiled steps")
+    parser.add_argument("--phase", choices=("decode", "prefill"), default="decode",
+                        help="profile decode steps (full, quest, retro) or one prefill of --context tokens (full)")  # fmt: skip
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_profile profiles CUDA kernels: run it on a GPU")
@@ -89,10 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, summary = [], []
-    for name, budget, window in CASES:
+    for name, budget, window in CASES if args.phase == "decode" else (("full", None, 1),):
         method = make_method(name, budget, window, dense_layers=2)
         engine = Engine(model, method, page_size=16, backend="triton", cuda_graphs=False, compile=args.compile == "on")
-        kernels = profile_step(engine, args.context, args.batch, args.steps)
+        if args.phase == "decode":
+            kernels = profile_step(engine, args.context, args.batch, args.steps)
+        else:
+            kernels = profile_prefill(engine, args.context)
         label = f"{name} w={window}" if name == "retro" else name
         kinds: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
         for kernel, (n, us) in kernels.items():
@@ -102,23 +121,26 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"method": label, "kind": kind, "kernel": kernel[:200], "count": n, "us": round(us, 2)})
         total_n, total_us = sum(n for n, _ in kernels.values()), sum(us for _, us in kernels.values())
         summary.append((label, total_n, total_us, dict(kinds), sorted(kernels.items(), key=lambda kv: -kv[1][1])[:8]))
-        print(f"{label}: {total_us / 1e3:.3f} ms of kernels in {total_n} kernels per step", flush=True)
+        print(f"{label}: {total_us / 1e3:.3f} ms of kernels in {total_n} kernels", flush=True)
         del engine
         torch.cuda.empty_cache()
-    with (out / "profile.csv").open("w", newline="") as fh:
+    stem = "profile" if args.phase == "decode" else "profile_prefill"
+    with (out / f"{stem}.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=("method", "kind", "kernel", "count", "us"))
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"# Decode-step kernel profile ({env['device_name']}, {args.model}, context {args.context}, batch {args.batch})",
-             "", f"torch {env['torch']}, triton {env['triton']}, git {env['git_sha'] or 'n/a'}; engine.compile "
-             f"{args.compile}; eager steps under torch.profiler, per step (mean of {args.steps}); budget 2048 tokens, "
-             "2 dense layers.", ""]  # fmt: skip
+    what = (f"eager decode steps, per step (mean of {args.steps}); budget 2048 tokens, 2 dense layers"
+            if args.phase == "decode" else "one prefill (engine.prefill_chunk=auto), batch 1")
+    lines = [f"# {args.phase.capitalize()} kernel profile ({env['device_name']}, {args.model}, context {args.context}, "
+             f"batch {args.batch if args.phase == 'decode' else 1})", "",
+             f"torch {env['torch']}, triton {env['triton']}, git {env['git_sha'] or 'n/a'}; engine.compile "
+             f"{args.compile}; {what}; under torch.profiler.", ""]  # fmt: skip
     for label, n, us, kinds, top in summary:
         lines += [f"## {label}: {us / 1e3:.3f} ms of kernel time in {n} kernels", "", "| kind | kernels | ms |", "|---|---|---|"]
         lines += [f"| {k} | {c} | {t / 1e3:.3f} |" for k, (c, t) in sorted(kinds.items(), key=lambda kv: -kv[1][1])]
         lines += ["", "Largest kernels: " + "; ".join(f"`{k[:60]}` x{c} {t / 1e3:.3f} ms" for k, (c, t) in top), ""]
-    (out / "profile.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / 'profile.csv'} and {out / 'profile.md'}")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / f'{stem}.csv'} and {out / f'{stem}.md'}")
     return 0
 
 
