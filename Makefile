@@ -74,7 +74,7 @@ clean: ## remove caches (keeps .venv and results/)
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 	rm -rf .pytest_cache .hypothesis
 
-# ---- reproducing the paper (conf/reproduce.yaml; retrobench/reproduce.py) ----
+# ---- reproducing the paper (conf/reproduce.yaml; retrobench/drivers/reproduce.py) ----
 PROFILE ?=
 ONLY ?=
 .PHONY: reproduce reproduce-plan

@@ -48,7 +48,7 @@ examples:
   python -m retrobench report                               # results/ -> results/report/report.md
 
 Results go to <results_dir>/runs/<hash>/ (config.yaml, env.json, samples.jsonl, metrics.json);
-a finished run is skipped, a killed one resumes. Load them with retrobench.results.load_runs().
+a finished run is skipped, a killed one resumes. Load them with retrobench.store.results.load_runs().
 """
 
 
@@ -269,7 +269,7 @@ def _run_hydra(overrides: list[str]) -> None:
     import hydra
     from omegaconf import DictConfig
 
-    from retrobench import run
+    from retrobench.runner import run
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     def app(cfg: DictConfig) -> None:
@@ -288,7 +288,7 @@ Reads the finished runs under DIR/runs/ (and the benchmark CSVs under DIR/bench/
                        differences on the same samples, the paper's numbers beside ours and the gap
   OUT/tables/*.csv     one CSV per table (full precision)
   OUT/plots/*.png      accuracy vs budget / window, exposure vs window / accuracy, perplexity
-                       ratio over position, latency vs context (retrobench.plots)
+                       ratio over position, latency vs context (retrobench.report.plots)
 Sections without runs say "no runs"; nothing is computed that the store does not hold.
 
 options:

@@ -2,7 +2,7 @@
 
 Accuracy on a task says whether a method's answers are right; fidelity says *why* they drift. The
 fidelity task wraps any generating task (``source_task``, default LongGenBench) and uses its
-prompts. The run layer (:mod:`retrobench.modes`) generates the full-attention greedy output of
+prompts. The run layer (:mod:`retrobench.runner.modes`) generates the full-attention greedy output of
 each prompt once (cached in the result store), then teacher-forces the method along exactly those
 tokens with ``probe_every``-step probes of each sparse layer's attention against dense attention,
 and hands logits and probes to :meth:`FidelityTask.score_fidelity`. Forcing the same tokens keeps
@@ -149,7 +149,7 @@ class FidelityTask(Task):
         """
         import torch
 
-        from retrobench.metrics import kl_per_position
+        from retrobench.store.metrics import kl_per_position
 
         ref = torch.as_tensor(list(ref_tokens), dtype=torch.long)
         n = int(ref.numel())

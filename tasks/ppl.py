@@ -2,7 +2,7 @@
 
 The paper's Figure 1b measures how a sparse-attention method's language-modelling quality decays
 with the number of generated tokens. This task reproduces it without sampling: the run layer
-(:mod:`retrobench.modes`) prefills ``context_tokens`` of a text, then *teacher-forces* the next
+(:mod:`retrobench.runner.modes`) prefills ``context_tokens`` of a text, then *teacher-forces* the next
 ``eval_tokens`` tokens through the method's decode loop (one decode step per token, exactly as in
 generation), and hands the per-token NLL to :meth:`PerplexityTask.score_nll`. NLL is reported per
 position bucket of ``bucket_tokens`` generated tokens, and as a ratio to the full-attention NLL
@@ -11,7 +11,7 @@ of the same tokens (computed once per sample and cached in the result store by t
 The task never touches the engine: it only builds token windows and does arithmetic on the NLL.
 
 Sources (``task.source``):
-    stdlib: the standard library's docstrings (:mod:`retrobench.texts`), on every machine, offline.
+    stdlib: the standard library's docstrings (:mod:`retrobench.inputs.texts`), on every machine, offline.
     file:   any local UTF-8 text file (``task.path``).
     pg19:   PG-19's test split (``deepmind/pg19`` through ``datasets``), one window per book.
 Samples of ``stdlib`` and ``file`` are consecutive, non-overlapping windows from the start of the
@@ -127,7 +127,7 @@ class PerplexityTask(Task):
 
     def _stream_tokens(self, tokenizer: TextTokenizer, n: int) -> list[int]:
         if self.source == "stdlib":
-            from retrobench.texts import stdlib_tokens
+            from retrobench.inputs.texts import stdlib_tokens
 
             try:
                 return list(stdlib_tokens(tokenizer, n))

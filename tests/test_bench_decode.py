@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 
 def test_bench_decode_smoke_writes_rows(tmp_path: Path) -> None:
-    from retrobench.bench_decode import main
+    from retrobench.drivers.bench_decode import main
 
     assert main(["--smoke", "--iters", "2", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "decode_smoke.csv").open()))

@@ -222,7 +222,8 @@ def test_one_key_budgets_are_the_same_run_as_both_keys() -> None:
     the run hash) of spelling both keys."""
     from hydra import compose, initialize_config_dir
 
-    from retrobench import cli, results
+    from retrobench import cli
+    from retrobench.store import results
 
     def run_hash(overrides: list[str]) -> str:
         prepared, error = cli.prepare_run(["model=tiny_random", "method=quest", *overrides])

@@ -22,7 +22,7 @@ from conftest import kill_when
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from retrobench import reproduce
+from retrobench.drivers import reproduce
 from retrobench.cli import conf_dir
 
 CONF = conf_dir()
@@ -118,8 +118,8 @@ def _tiny_job(name: str, results_dir: Path) -> list[str]:
 @pytest.mark.parametrize("name", NAMES)
 def test_experiment_runs_end_to_end_on_tiny_random(name: str, tmp_path: Path) -> None:
     """One job of each entry's grid (the tiny profile: tiny_random, offline data, short lengths)."""
-    from retrobench import results
-    from retrobench.run import execute
+    from retrobench.store import results
+    from retrobench.runner.run import execute
 
     reproduce.write_offline_data(tmp_path / reproduce.OFFLINE_FOLDER)
     cfg = _compose(_tiny_job(name, tmp_path))
@@ -135,7 +135,7 @@ def test_planner_folders_equal_full_composition(profile: str, tmp_path: Path) ->
     """The planner's shared compositions give the folders composing each job in full gives."""
     from hydra import compose, initialize_config_dir
 
-    from retrobench import results
+    from retrobench.store import results
 
     res = str(tmp_path / "res")
     for entry in reproduce.entries(profile, None):
@@ -159,7 +159,7 @@ def test_plan_writes_nothing_and_answers_fast(tmp_path: Path) -> None:
     (results / "runs" / "abc" / "samples.jsonl").write_text('{"id": "x"}\n')
     before = {p: p.read_bytes() for p in results.rglob("*") if p.is_file()}
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "retrobench.reproduce", "--dry-run", "--profile", "small",
+    proc = subprocess.run([sys.executable, "-m", "retrobench.drivers.reproduce", "--dry-run", "--profile", "small",
                            "--results-dir", str(results)], cwd=tmp_path, env=_env(), capture_output=True,
                           text=True, timeout=120, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -236,7 +236,7 @@ profiles:
 
 
 def _driver(list_file: Path, results: Path) -> list[str]:
-    return [sys.executable, "-m", "retrobench.reproduce", "--list", str(list_file), "--profile", "test",
+    return [sys.executable, "-m", "retrobench.drivers.reproduce", "--list", str(list_file), "--profile", "test",
             "--results-dir", str(results), "--no-report"]  # fmt: skip
 
 
@@ -320,7 +320,7 @@ def test_joblib_launcher_runs_two_jobs_in_two_workers(tmp_path: Path) -> None:
 
 
 def test_launcher_configs_compose() -> None:
-    import retrobench.gpus  # noqa: F401 - registers ${retrobench_gpus:} (as `python -m retrobench run` does)
+    import retrobench.runner.gpus  # noqa: F401 - registers ${retrobench_gpus:} (as `python -m retrobench run` does)
 
     joblib = _compose(["hydra/launcher=local_gpus"], hydra=True).hydra.launcher
     assert joblib._target_.endswith("JoblibLauncher") and int(joblib.n_jobs) >= 1  # ${retrobench_gpus:}
@@ -333,7 +333,7 @@ def test_tiny_profile_runs_every_entry_through_the_driver(tmp_path: Path) -> Non
     """``make reproduce`` end to end on tiny_random (every entry's whole grid; minutes), then a rerun
     that has nothing left to do."""
     results = tmp_path / "res"
-    cmd = [sys.executable, "-m", "retrobench.reproduce", "--profile", "tiny", "--results-dir", str(results),
+    cmd = [sys.executable, "-m", "retrobench.drivers.reproduce", "--profile", "tiny", "--results-dir", str(results),
            "--no-report"]  # fmt: skip
     first = subprocess.run(
         cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=1800, check=False

@@ -260,7 +260,7 @@ def test_end_to_end_run_on_tiny_random(tmp_path: Path) -> None:
 
 
 def test_bench_grader_writes_its_table(tmp_path: Path) -> None:
-    from retrobench import bench_grader
+    from retrobench.drivers import bench_grader
 
     assert bench_grader.main(["--problems", "3", "--tests", "2", "--workers", "2", "--out", str(tmp_path)]) == 0
     rows = (tmp_path / "grader.csv").read_text().splitlines()

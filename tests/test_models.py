@@ -1,4 +1,4 @@
-"""Model loading (retrobench.models): the random model, the byte tokenizer, pre-flight checks and
+"""Model loading (retrobench.inputs.models): the random model, the byte tokenizer, pre-flight checks and
 what the engine reads off a model (spec, end-of-sequence ids)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import conf_dir, model_conf
 
-from retrobench.models import (
+from retrobench.inputs.models import (
     ByteTokenizer,
     ModelConfigError,
     check_model_available,

@@ -1,6 +1,6 @@
 """The report: tables over a result store with known values, paper gaps, plots, CLI, notebooks, wandb.
 
-:func:`build_store` writes a small store the way ``retrobench.run`` does (real Hydra configs and
+:func:`build_store` writes a small store the way ``retrobench.runner.run`` does (real Hydra configs and
 run hashes, ``results.append_sample`` / ``results.write_json``, ``metrics.aggregate``) with
 synthetic per-sample scores chosen here, so every number the report prints can be checked
 against values computed independently from :data:`SPEC`. The committed fixture
@@ -203,8 +203,8 @@ def build_store(root: Path) -> dict[str, str]:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from retrobench import results
-    from retrobench.metrics import aggregate
+    from retrobench.store import results
+    from retrobench.store.metrics import aggregate
 
     hashes, composed = {}, {}
     for run in _runs():
@@ -332,7 +332,7 @@ def test_runs_and_samples_tables(store, tables) -> None:
 
 def test_summary_means_and_cis(tables) -> None:
     from retrobench import report
-    from retrobench.metrics import bootstrap_ci
+    from retrobench.store.metrics import bootstrap_ci
 
     _, samples = tables
     lgb = report.select(samples, {"task": "longgenbench", "budget_fraction": 0.15})
@@ -349,7 +349,7 @@ def test_summary_means_and_cis(tables) -> None:
 
 def test_paired_differences(tables) -> None:
     from retrobench import report
-    from retrobench.metrics import paired_difference
+    from retrobench.store.metrics import paired_difference
 
     _, samples = tables
     lgb = report.select(samples, {"task": "longgenbench", "budget_fraction": 0.15})
@@ -374,7 +374,7 @@ def test_paired_differences(tables) -> None:
 
 def test_paper_table_gaps(tables) -> None:
     from retrobench import report
-    from retrobench.paper_numbers import PAPER_NUMBERS, by_key, main_table
+    from retrobench.report.paper_numbers import PAPER_NUMBERS, by_key, main_table
 
     _, samples = tables
     assert main_table()["gsm8k"] == {
@@ -509,7 +509,8 @@ def test_report_on_empty_store_says_no_runs(tmp_path: Path) -> None:
 def test_plots_return_figures(tables) -> None:
     from matplotlib.figure import Figure
 
-    from retrobench import plots, report
+    from retrobench import report
+    from retrobench.report import plots
 
     _, samples = tables
     bench = report.read_bench(FIXTURE / "bench")["latency"]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from retrobench import results
+from retrobench.store import results
 from retrobench.cli import conf_dir
-from retrobench.metrics import aggregate, bootstrap_ci, summarize
+from retrobench.store.metrics import aggregate, bootstrap_ci, summarize
 
 
 def _cfg(*overrides: str):

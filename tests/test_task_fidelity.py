@@ -21,8 +21,8 @@ from retrobench.tasks.fidelity import FidelityTask
 from retrobench.tasks.synthetic import SyntheticTask
 
 from retrobench.engine import Engine
-from retrobench.modes import RunContext, fidelity
-from retrobench.reference import ReferenceStore
+from retrobench.runner.modes import RunContext, fidelity
+from retrobench.runner.reference import ReferenceStore
 
 SOURCE = {"context_tokens": 320, "num_queries": 2, "kind": "copy"}
 

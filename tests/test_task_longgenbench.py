@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import conf_dir
 
-from retrobench.models import ByteTokenizer
+from retrobench.inputs.models import ByteTokenizer
 from retrobench.tasks.base import Sample, TaskConfigError
 from retrobench.tasks.longgenbench import (
     LongGenBenchTask,
@@ -334,7 +334,7 @@ def test_root_config_default_task_and_yaml():
 def test_default_fits_smollm2_context(smollm2_tokenizer):
     from omegaconf import OmegaConf
 
-    from retrobench.modes import encode_prompt
+    from retrobench.runner.modes import encode_prompt
 
     limit = int(OmegaConf.load(conf_dir() / "model" / "smollm2_135m.yaml").max_context)
     for dataset in ("gsm8k", "mmlu", "csqa"):

@@ -21,9 +21,9 @@ from retrobench.tasks.base import TaskConfigError
 from retrobench.tasks.ppl import PerplexityTask
 
 from retrobench.engine import Engine
-from retrobench.metrics import token_nll
-from retrobench.modes import RunContext, teacher_forced
-from retrobench.reference import ReferenceStore
+from retrobench.store.metrics import token_nll
+from retrobench.runner.modes import RunContext, teacher_forced
+from retrobench.runner.reference import ReferenceStore
 
 
 def _ctx(tiny_random, method, results: Path, task: PerplexityTask) -> RunContext:

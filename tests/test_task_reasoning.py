@@ -138,7 +138,7 @@ def test_samples_per_question_gives_k_distinct_ids(tmp_path):
         2,
         3,
     ]
-    from retrobench.run import sample_seed
+    from retrobench.runner.run import sample_seed
 
     assert len({sample_seed(0, s.id) for s in samples}) == 8  # the run layer's sampling seeds differ
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import conf_dir
 
-from retrobench.models import ByteTokenizer
+from retrobench.inputs.models import ByteTokenizer
 from retrobench.tasks.base import Sample, TaskConfigError
 from retrobench.tasks.synthetic import SyntheticTask, score_retrieval
 

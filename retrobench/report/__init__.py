@@ -2,7 +2,7 @@
 
 ``python -m retrobench report`` calls :func:`write_report`, which reads ``<results_dir>/runs/``
 (and ``<results_dir>/bench/*.csv`` if present) and writes ``<out>/report.md`` with one CSV per
-table under ``<out>/tables/`` and PNG plots (:mod:`retrobench.plots`) under ``<out>/plots/``.
+table under ``<out>/tables/`` and PNG plots (:mod:`retrobench.report.plots`) under ``<out>/plots/``.
 It never runs a model and never invents a number: a section whose runs are absent says
 "no runs".
 
@@ -18,12 +18,12 @@ report:
   keys (``accuracy``, ``nll_ratio_bucket_3``, ``top1_agreement``...) and stats (``exposure``,
   ``attended_kv``...), unprefixed.
 - :func:`summary` — n, mean, std and percentile-bootstrap 95% CI per group
-  (:func:`retrobench.metrics.bootstrap_ci` of the sorted values, so the CI does not depend on the
+  (:func:`retrobench.store.metrics.bootstrap_ci` of the sorted values, so the CI does not depend on the
   order runs and samples were read in).
 - :func:`paired` — mean difference ``a - b`` and its CI over matched ``(id, seed)`` samples
-  (:func:`retrobench.metrics.paired_difference`).
+  (:func:`retrobench.store.metrics.paired_difference`).
 - :func:`paper_table` — our means (or paired differences) beside the paper's numbers
-  (:mod:`retrobench.paper_numbers`) and the gap.
+  (:mod:`retrobench.report.paper_numbers`) and the gap.
 
 Conventions: accuracy-like metrics (:data:`PERCENT`) are stored as fractions and shown in
 percent (differences in percentage points, ``pp``); CIs use 2000 resamples with seed 0, so a

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from retrobench import results
+from retrobench.store import results
 from retrobench.report.common import _none, _numeric, _short
 
 #: Method settings that get their own name in the tables (the rest keep theirs, dots -> "_").
@@ -121,7 +121,7 @@ def _labels(rows: list[dict[str, Any]]) -> None:
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     """The complete JSON rows of a ``samples.jsonl``, read only: unlike
-    :func:`retrobench.results.read_samples`, a broken or duplicate line is skipped without repairing
+    :func:`retrobench.store.results.read_samples`, a broken or duplicate line is skipped without repairing
     the file (the report never writes to the store)."""
     if not Path(path).is_file():
         return []

@@ -1,4 +1,4 @@
-"""Our numbers beside the paper's (:mod:`retrobench.paper_numbers`): :func:`paper_table`.
+"""Our numbers beside the paper's (:mod:`retrobench.report.paper_numbers`): :func:`paper_table`.
 
 Kept apart from the statistics it builds on because it is the one place that knows how a
 paper number (mean, paired delta, latency delta) maps to our samples and benchmark CSVs.
@@ -29,7 +29,7 @@ def paper_table(
     numbers: Sequence[Any] | None = None,
     same_model_only: bool = False,
 ) -> Any:
-    """Our numbers beside the paper's (:data:`retrobench.paper_numbers.PAPER_NUMBERS`).
+    """Our numbers beside the paper's (:data:`retrobench.report.paper_numbers.PAPER_NUMBERS`).
 
     One row per paper number and per (our model, our label[s]) that matches it, or one row with
     ``ours`` NaN and ``note`` "no runs" when nothing does. A number's ``match`` selects samples
@@ -44,7 +44,7 @@ def paper_table(
     """
     import pandas as pd
 
-    from retrobench.paper_numbers import PAPER_NUMBERS
+    from retrobench.report.paper_numbers import PAPER_NUMBERS
 
     numbers = PAPER_NUMBERS if numbers is None else numbers
     columns = [

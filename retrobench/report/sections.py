@@ -95,7 +95,7 @@ def runs_overview(w: _Writer, runs: Any, samples: Any) -> None:
 
 def longgenbench(w: _Writer, lgb: Any) -> None:
     """``## LongGenBench accuracy``: accuracy by method, pooled over n, completion, and retro − base."""
-    from retrobench import plots
+    from retrobench.report import plots
 
     w.text("## LongGenBench accuracy")
     if lgb.empty:
@@ -145,7 +145,7 @@ def longgenbench(w: _Writer, lgb: Any) -> None:
 
 def paper_comparison(w: _Writer, runs: Any, samples: Any, bench: Mapping[str, Any]) -> None:
     """``## Paper numbers beside ours``: :func:`~retrobench.report.paper.paper_table`, shown."""
-    from retrobench.paper_numbers import PAPER_NUMBERS
+    from retrobench.report.paper_numbers import PAPER_NUMBERS
 
     w.text("## Paper numbers beside ours")
     latency_frames = dict(bench)
@@ -200,7 +200,7 @@ def paper_comparison(w: _Writer, runs: Any, samples: Any, bench: Mapping[str, An
 
 def window_ablation(w: _Writer, gen: Any) -> None:
     """``## Window ablation``: accuracy vs retro's window (w = 1 is the base)."""
-    from retrobench import plots
+    from retrobench.report import plots
 
     w.text("## Window ablation (accuracy vs w)")
     windows = plots.window_frame(gen)
@@ -219,7 +219,7 @@ def window_ablation(w: _Writer, gen: Any) -> None:
 
 def budget_sweep(w: _Writer, gen: Any) -> None:
     """``## Budget sweep``: accuracy vs budget fraction for methods run at two or more."""
-    from retrobench import plots
+    from retrobench.report import plots
 
     w.text("## Budget sweep (accuracy vs budget)")
     group = ["model", "task", "dataset", "num_questions", "label"]
@@ -241,8 +241,8 @@ def budget_sweep(w: _Writer, gen: Any) -> None:
 
 def exposure(w: _Writer, samples: Any, gen: Any) -> None:
     """``## Effective KV exposure`` of retro runs, beside the paper's points."""
-    from retrobench import plots
-    from retrobench.paper_numbers import exposure_points
+    from retrobench.report import plots
+    from retrobench.report.paper_numbers import exposure_points
 
     w.text("## Effective KV exposure")
     retro = select(samples, {"method": "retro"})
@@ -301,7 +301,7 @@ def fidelity(w: _Writer, samples: Any) -> None:
 
 def perplexity(w: _Writer, samples: Any) -> None:
     """``## Perplexity over position`` (task=ppl) and retro − base."""
-    from retrobench import plots
+    from retrobench.report import plots
 
     w.text("## Perplexity over position (task=ppl; paper Figure 1b)")
     ppl = select(samples, {"task": "ppl"})
@@ -344,7 +344,7 @@ def perplexity(w: _Writer, samples: Any) -> None:
 
 def latency_runs(w: _Writer, runs: Any) -> None:
     """``## Decode latency and memory (runs)``, and step time vs context when runs vary it."""
-    from retrobench import plots
+    from retrobench.report import plots
 
     w.text("## Decode latency and memory (runs)")
     if runs.empty or "tpot_p50_s" not in runs.columns:
@@ -389,7 +389,7 @@ def latency_runs(w: _Writer, runs: Any) -> None:
 
 def benchmarks(w: _Writer, bench: Mapping[str, Any]) -> None:
     """``## Benchmarks``: every ``bench/*.csv``, latency CSVs as a plot, a p50 table and overhead."""
-    from retrobench import plots
+    from retrobench.report import plots
 
     w.text("## Benchmarks (`bench/*.csv`)")
     if not bench:

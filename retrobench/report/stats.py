@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from retrobench.metrics import bootstrap_ci, paired_difference
+from retrobench.store.metrics import bootstrap_ci, paired_difference
 from retrobench.report.common import _none, _numeric
 
 
@@ -107,7 +107,7 @@ def paired(
 
     ``a`` and ``b`` are :func:`select` specs (e.g. ``{"label": "retro(w=2)"}`` and
     ``{"method": "quest"}``). Returns one row per group where both sides share a sample:
-    ``by`` columns, n (pairs), mean, std, ci_low, ci_high (:func:`retrobench.metrics.paired_difference`),
+    ``by`` columns, n (pairs), mean, std, ci_low, ci_high (:func:`retrobench.store.metrics.paired_difference`),
     ``label_a`` / ``label_b`` (the labels on each side). A sample key present in two ``a`` (or two
     ``b``) runs of one group is ambiguous and raises ``ValueError``: narrow the spec or add ``by``.
     """

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from retrobench import results
+from retrobench.store import results
 from retrobench.report import sections
 from retrobench.report.load import _read_rows, read_bench, runs_table, samples_table
 from retrobench.report.markdown import _Writer
@@ -31,8 +31,8 @@ def write_report(
     matches the store.
     """
     # imported before the out folder is touched, so a missing plotting dependency changes nothing there
-    from retrobench import plots  # noqa: F401
-    from retrobench.paper_numbers import PAPER_NUMBERS, exposure_points  # noqa: F401
+    from retrobench.report import plots  # noqa: F401
+    from retrobench.report.paper_numbers import PAPER_NUMBERS, exposure_points  # noqa: F401
 
     results_dir = Path(results_dir)
     out = Path(out_dir) if out_dir is not None else results_dir / "report"
@@ -79,7 +79,7 @@ def run_figures(folder: str | Path) -> dict[str, Any]:
     perplexity ratio by position. Empty when the folder has no samples."""
     import pandas as pd
 
-    from retrobench import plots
+    from retrobench.report import plots
 
     folder = Path(folder)
     rows = _read_rows(folder / results.SAMPLES_FILE)
@@ -104,7 +104,7 @@ def log_run_to_wandb(wandb_run: Any, folder: str | Path) -> list[str]:
     """Log the run's figures (:func:`run_figures`) as images to an open wandb run; returns their names.
 
     The config is logged by ``wandb.init`` and the metrics by the run's summary (see
-    :mod:`retrobench.run`); this adds the plots.
+    :mod:`retrobench.runner.run`); this adds the plots.
     """
     import io
 

@@ -8,15 +8,15 @@ nothing to the result store; it prints one line ``error: <key> ...`` and exits w
 
 The run itself loops over the task's samples, skipping those already in ``samples.jsonl``
 (resume after a kill), runs each in the task's mode (generate, teacher-forced perplexity or
-fidelity to full attention: :mod:`retrobench.modes`; full-attention references are cached in
+fidelity to full attention: :mod:`retrobench.runner.modes`; full-attention references are cached in
 ``<results_dir>/reference/``), appends one fsync'ed JSON line per sample, and writes
-``metrics.json`` when every sample is done (see :mod:`retrobench.results` and
-:mod:`retrobench.metrics`).
+``metrics.json`` when every sample is done (see :mod:`retrobench.store.results` and
+:mod:`retrobench.store.metrics`).
 
 Jobs of one multirun share their process (Hydra's basic launcher runs them one after another;
 a joblib worker runs several), so the last loaded model is kept per process and reused by the
 next job with the same model, device and dtype (:func:`load_model_cached`). Under a parallel
-launcher each job on ``device: cuda`` claims a whole free GPU first (:mod:`retrobench.gpus`).
+launcher each job on ``device: cuda`` claims a whole free GPU first (:mod:`retrobench.runner.gpus`).
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from retrobench import gpus, results
-from retrobench.metrics import aggregate
-from retrobench.modes import RunContext, encode_prompt, generate_job, generate_row, run_sample, sample_seed
-from retrobench.reference import ReferenceStore
-from retrobench.validation import RunConfigError, fail, validate
+from retrobench.runner import gpus
+from retrobench.store import results
+from retrobench.store.metrics import aggregate
+from retrobench.runner.modes import RunContext, encode_prompt, generate_job, generate_row, run_sample, sample_seed
+from retrobench.runner.reference import ReferenceStore
+from retrobench.runner.validation import RunConfigError, fail, validate
 
 # ---- the run -----------------------------------------------------------------------------------------
 
@@ -144,14 +145,14 @@ _LOADED: dict[str, tuple[Any, Any]] = {}
 
 
 def load_model_cached(model_cfg: DictConfig, device: str, dtype: Any) -> tuple[Any, Any]:
-    """:func:`retrobench.models.load_model`, reusing this process's last model when it is the same.
+    """:func:`retrobench.inputs.models.load_model`, reusing this process's last model when it is the same.
 
     Only one model is kept: loading another frees the previous one first (a GPU never holds two).
     The engine never changes the model's weights, so reuse across runs is exact.
     """
     import json
 
-    from retrobench.models import load_model
+    from retrobench.inputs.models import load_model
 
     key = json.dumps(
         [OmegaConf.to_container(model_cfg, resolve=True), str(device), dtype], sort_keys=True, default=str
@@ -205,7 +206,7 @@ def execute(cfg: DictConfig) -> Path | None:
         return folder
 
     from retrobench.engine import Engine
-    from retrobench.models import ModelConfigError, eos_token_ids
+    from retrobench.inputs.models import ModelConfigError, eos_token_ids
 
     seed = int(cfg.seed)
     seed_everything(seed)

@@ -20,8 +20,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from retrobench.engine import Engine
-from retrobench.models import load_model
-from retrobench.results import environment
+from retrobench.inputs.models import load_model
+from retrobench.store.results import environment
 from retrobench.conf import conf_dir
 
 CONF = conf_dir()

@@ -4,7 +4,7 @@ DESIGN.md "Bad input": every configuration error stops before a model loads, wit
 names the key and the allowed values, and nothing written to the result store. The method and
 task validate themselves when instantiated (their ``__post_init__``); this module adds the engine
 and device settings, the context length against the model's limit, the model's files (through
-:func:`retrobench.models.check_model_available`) and the logger. :func:`validate` runs them all
+:func:`retrobench.inputs.models.check_model_available`) and the logger. :func:`validate` runs them all
 in that order and returns the instantiated method and task.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 from omegaconf import DictConfig
 
-from retrobench import gpus
+from retrobench.runner import gpus
 
 from retrobench.kernels.ops import BACKENDS, resolve_backend
 DTYPES = ("float32", "bfloat16", "float16")
@@ -158,7 +158,7 @@ def check_logger(logger: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> tuple[Any, Any]:
     """Check every setting before any work; returns ``(method, task)`` or raises a config error."""
-    from retrobench.models import ModelConfigError, check_model_available
+    from retrobench.inputs.models import ModelConfigError, check_model_available
 
     method = _instantiate(cfg.method, "method")
     task = _instantiate(cfg.task, "task")

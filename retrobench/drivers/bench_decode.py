@@ -41,7 +41,7 @@ from retrobench.methods.base import Method, ModelSpec
 from retrobench.methods.full import FullMethod
 from retrobench.methods.quest import QuestMethod
 from retrobench.methods.retro import RetroMethod
-from retrobench.results import environment
+from retrobench.store.results import environment
 from retrobench.conf import conf_dir
 
 CONF = conf_dir()

@@ -11,7 +11,7 @@ result store (mean and CI per task, method and budget, wall times, retro - quest
 greedy output: effective KV exposure for each window, top-1 agreement with full attention and
 mean KL(full || method) of the next-token distributions.
 
-Both use the offline standard-library text (``retrobench.texts``) as the prompt, write a CSV and a
+Both use the offline standard-library text (``retrobench.inputs.texts``) as the prompt, write a CSV and a
 markdown table under ``--out`` (default ``results/reference``) with the model, device, versions
 and git sha, and print the table. They are measurements, never tests.
 """
@@ -30,10 +30,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from retrobench.engine import Engine
-from retrobench.metrics import agreement
-from retrobench.models import load_model
-from retrobench.results import environment
-from retrobench.texts import provenance, stdlib_tokens
+from retrobench.store.metrics import agreement
+from retrobench.inputs.models import load_model
+from retrobench.store.results import environment
+from retrobench.inputs.texts import provenance, stdlib_tokens
 from retrobench.conf import conf_dir
 
 CONF = conf_dir()
