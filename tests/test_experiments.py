@@ -159,7 +159,7 @@ def test_plan_writes_nothing_and_answers_fast(tmp_path: Path) -> None:
     (results / "runs" / "abc" / "samples.jsonl").write_text('{"id": "x"}\n')
     before = {p: p.read_bytes() for p in results.rglob("*") if p.is_file()}
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "retrobench.drivers.reproduce", "--dry-run", "--profile", "small",
+    proc = subprocess.run([sys.executable, "-m", "retrobench.reproduce", "--dry-run", "--profile", "small",
                            "--results-dir", str(results)], cwd=tmp_path, env=_env(), capture_output=True,
                           text=True, timeout=120, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -236,7 +236,7 @@ profiles:
 
 
 def _driver(list_file: Path, results: Path) -> list[str]:
-    return [sys.executable, "-m", "retrobench.drivers.reproduce", "--list", str(list_file), "--profile", "test",
+    return [sys.executable, "-m", "retrobench.reproduce", "--list", str(list_file), "--profile", "test",
             "--results-dir", str(results), "--no-report"]  # fmt: skip
 
 
@@ -333,7 +333,7 @@ def test_tiny_profile_runs_every_entry_through_the_driver(tmp_path: Path) -> Non
     """``make reproduce`` end to end on tiny_random (every entry's whole grid; minutes), then a rerun
     that has nothing left to do."""
     results = tmp_path / "res"
-    cmd = [sys.executable, "-m", "retrobench.drivers.reproduce", "--profile", "tiny", "--results-dir", str(results),
+    cmd = [sys.executable, "-m", "retrobench.reproduce", "--profile", "tiny", "--results-dir", str(results),
            "--no-report"]  # fmt: skip
     first = subprocess.run(
         cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=1800, check=False
