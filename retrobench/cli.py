@@ -1,4 +1,6 @@
-"""Command-line entry point: ``python -m retrobench {run,list,report,--help}`` and the ``retrobench`` script.
+"""Command-line entry point: ``python -m retrobench <command>`` and the ``retrobench`` script.
+
+Commands: ``run``, ``list``, ``report``, ``reproduce``, ``bench``, ``study`` (``--help`` lists them).
 
 ``run`` hands everything after the subcommand to a ``@hydra.main`` application, so every Hydra
 feature keeps working (``-m`` multirun, ``--cfg job``, ``--help``, ``experiment=``/``sweep=``).
@@ -10,10 +12,13 @@ the YAML files present, so a typo fails with one line naming the allowed values 
 Hydra's multi-line report. ``list`` prints what each group offers, with the first comment line
 of each YAML as its description. ``report`` writes the markdown/CSV/PNG report of a result store
 (:func:`retrobench.report.write_report`); it reads files only and never loads a model.
+``reproduce``, ``bench`` and ``study`` hand their arguments to a driver of :mod:`retrobench.drivers`
+(the same programs as ``python -m retrobench.reproduce`` etc., which stay as aliases).
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 from pathlib import Path
@@ -33,6 +38,16 @@ commands:
                        write DIR/report/report.md (+ tables/*.csv, plots/*.png) from the result
                        store: means with 95% CIs, paired retro - base differences, the paper's
                        numbers beside ours (`report --help` for details)
+  reproduce [--profile small|paper|tiny] [--only NAME,...] [--dry-run] ...
+                       the paper's tables and figures as resumable runs, then the report
+                       (conf/reproduce.yaml; `reproduce --help`)
+  bench [KIND] [ARGS...]
+                       benchmarks -> results/bench/; KIND: decode (the triton decode step vs its
+                       floor), engine (engine vs transformers generate), cli, batch, grader;
+                       default: decode on a GPU, engine on CPU (`bench KIND --help`)
+  study {mass,retro,table} [ARGS...]
+                       studies outside the run store: attention mass per method, retro vs quest,
+                       one table of ppl/fidelity runs (`study --help`)
   --help, -h           show this message (`run --help` shows Hydra's help and the config)
 
 examples:
@@ -46,6 +61,8 @@ examples:
   python -m retrobench run overwrite=true                   # rerun a finished run
   python -m retrobench list
   python -m retrobench report                               # results/ -> results/report/report.md
+  python -m retrobench reproduce --profile small --dry-run  # what reproducing would run
+  python -m retrobench bench decode --smoke --out /tmp/b    # toy sizes (TRITON_INTERPRET=1 on CPU)
 
 Results go to <results_dir>/runs/<hash>/ (config.yaml, env.json, samples.jsonl, metrics.json);
 a finished run is skipped, a killed one resumes. Load them with retrobench.store.results.load_runs().
@@ -334,6 +351,50 @@ def report_main(args: list[str]) -> int:
     return 0
 
 
+#: ``bench <KIND>`` -> the module of :mod:`retrobench.drivers` that runs it.
+BENCHES = {"decode": "bench_decode", "engine": "bench", "cli": "bench_cli", "batch": "bench_batch", "grader": "bench_grader"}
+
+BENCH_HELP = """\
+usage: python -m retrobench bench [KIND] [ARGS...]     (`bench KIND --help`: that benchmark's options)
+
+kinds (each writes CSV + markdown under results/bench/ unless --out says otherwise):
+  decode    the triton decode step vs its floor, per method and context (GPU; --smoke on CPU)
+  engine    the engine vs transformers generate on one prompt (CPU or GPU)
+  cli       experiment=latency through the CLI, per method and backend (GPU)
+  batch     a batched generation run vs batch 1 (GPU)
+  grader    the LiveCodeBench sandbox grader's throughput
+without KIND: decode on a GPU, engine on CPU (as `make bench`)
+"""
+
+
+def _driver(module: str, args: list[str]) -> int:
+    """Run ``retrobench.drivers.<module>.main(args)``; a driver returning None succeeded."""
+    code = importlib.import_module(f"retrobench.drivers.{module}").main(args)
+    return 0 if code is None else int(code)
+
+
+def bench_main(args: list[str]) -> int:
+    """``bench [KIND] [ARGS...]``: one benchmark of :data:`BENCHES` (default as ``make bench``)."""
+    if args and args[0] in ("-h", "--help"):
+        print(BENCH_HELP, end="")
+        return 0
+    if args and not args[0].startswith("-"):
+        kind, rest = args[0], args[1:]
+        if kind not in BENCHES:
+            print(f"error: bench {kind!r} is not a benchmark; allowed: {', '.join(BENCHES)}", file=sys.stderr)
+            return 2
+    else:
+        import torch
+
+        kind, rest = ("decode" if torch.cuda.is_available() else "engine"), args
+    return _driver(BENCHES[kind], rest)
+
+
+#: Commands that hand everything after them to a driver (``bench`` picks its driver itself).
+DRIVERS = {"reproduce": "reproduce", "study": "studies"}
+COMMANDS = ("run", "list", "report", "reproduce", "bench", "study")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch a subcommand; returns the exit code (Hydra's own exits pass through)."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -346,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "report":
         return report_main(rest)
+    if command == "bench":
+        return bench_main(rest)
+    if command in DRIVERS:
+        return _driver(DRIVERS[command], rest)
     if command == "run":
         rest, error = prepare_run(rest)
         if error:
@@ -353,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         _run_hydra(rest)
         return 0
-    print(f"error: unknown command {command!r}; allowed: run, list, report, --help", file=sys.stderr)
+    print(f"error: unknown command {command!r}; allowed: {', '.join(COMMANDS)}, --help", file=sys.stderr)
     return 2
 
 

@@ -270,6 +270,24 @@ def test_list_help_and_hydra_flags(tmp_path: Path) -> None:
     assert rb(tmp_path, "nope").returncode == 2
 
 
+def test_one_cli_runs_every_driver(tmp_path: Path) -> None:
+    """``reproduce``, ``bench`` and ``study`` are subcommands of the one CLI (the ``python -m
+    retrobench.<driver>`` spellings stay as aliases); each hands its arguments to the driver."""
+    usage = rb(tmp_path, "--help").stdout
+    for command in ("run", "list", "report", "reproduce", "bench", "study"):
+        assert f"\n  {command} " in usage, command
+    plan = rb(tmp_path, "reproduce", "--dry-run", "--profile", "tiny", "--results-dir", str(tmp_path / "r"))
+    assert plan.returncode == 0, plan.stderr
+    bench = rb(tmp_path, "bench", "--help")
+    assert bench.returncode == 0 and all(k in bench.stdout for k in ("decode", "engine", "cli", "batch", "grader"))
+    decode = rb(tmp_path, "bench", "decode", "--help")
+    assert decode.returncode == 0 and "--smoke" in decode.stdout
+    study = rb(tmp_path, "study", "--help")
+    assert study.returncode == 0 and all(s in study.stdout for s in ("mass", "retro", "table"))
+    wrong = rb(tmp_path, "bench", "nope")
+    assert wrong.returncode == 2 and "allowed: decode, engine, cli, batch, grader" in wrong.stderr
+
+
 @pytest.mark.slow
 def test_smoke_experiment_and_seed_sweep(tmp_path: Path) -> None:
     results = tmp_path / "res"
