@@ -149,7 +149,7 @@ def test_every_task_module_is_a_configured_task_or_a_declared_helper() -> None:
 # ---- the package layout: each folder one layer, and which layer may import which ----------------------
 
 #: Where each installed package lives in the checkout (pyproject.toml's package-dir).
-FOLDERS = {"retrobench.methods": "methods", "retrobench.tasks": "tasks", "retrobench.kernels": "kernels"}
+FOLDERS = {"retrobench.methods": "methods", "retrobench.tasks": "tasks", "retrobench.kernels": "kernels", "retrobench.conf": "conf"}
 #: The subpackages of retrobench/, one layer each (their __init__ docstring says what each owns).
 SUBPACKAGES = ("drivers", "runner", "inputs", "store", "report", "engine")
 #: What may sit at the top of retrobench/: the CLI, the Python API, and aliases kept for one release.
@@ -254,3 +254,19 @@ def test_the_old_module_spellings_still_run() -> None:
         out = subprocess.run([sys.executable, "-m", f"retrobench.{alias}", "--help"], capture_output=True,
                              text=True, timeout=120, check=False)  # fmt: skip
         assert out.returncode == 0 and "usage:" in out.stdout, f"python -m retrobench.{alias} --help: {out.stderr}"
+
+
+def test_one_config_error_class() -> None:
+    """A bad setting raises :class:`retrobench.conf.ConfigError` wherever it is checked (run, model,
+    method, task, engine): one class, so callers catch one thing."""
+    from retrobench.conf import ConfigError
+
+    defined = [f"{path.relative_to(ROOT)}: class {node.name}"
+               for path in _package_modules().values()
+               for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.ClassDef) and node.name.endswith("ConfigError")]  # fmt: skip
+    assert defined == ["conf/__init__.py: class ConfigError"], defined
+    from retrobench.methods.base import ConfigError as from_methods
+    from retrobench.tasks.base import ConfigError as from_tasks
+
+    assert from_methods is from_tasks is ConfigError

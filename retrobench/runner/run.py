@@ -38,7 +38,8 @@ from retrobench.store import results
 from retrobench.store.metrics import aggregate
 from retrobench.runner.modes import RunContext, encode_prompt, generate_job, generate_row, run_sample, sample_seed
 from retrobench.runner.reference import ReferenceStore
-from retrobench.runner.validation import RunConfigError, fail, validate
+from retrobench.conf import ConfigError
+from retrobench.runner.validation import fail, validate
 
 # ---- the run -----------------------------------------------------------------------------------------
 
@@ -126,15 +127,13 @@ def _remove_empty(folder: Path | None, stop: Path) -> None:
 
 def check_prompt_lengths(task: Any, samples: list[Any], tokenizer: Any, max_context: int) -> None:
     """Fail before any run folder exists when a prompt plus its generation exceeds the model's context."""
-    from retrobench.tasks.base import TaskConfigError
-
     for sample in samples:
         if "prompt_ids" in sample.meta:  # teacher-forced samples carry their tokens
             need = len(sample.meta["prompt_ids"]) + len(sample.meta.get("target_ids", ()))
         else:
             need = len(encode_prompt(tokenizer, sample.prompt, bool(task.chat_template))) + int(task.max_new_tokens)
         if need > max_context:
-            raise TaskConfigError(
+            raise ConfigError(
                 f"sample {sample.id}: prompt + task.max_new_tokens = {need} tokens exceeds model.max_context = "
                 f"{max_context}; shorten the task (e.g. task.num_questions, task.context_tokens) or task.max_new_tokens"
             )
@@ -193,12 +192,9 @@ def main(cfg: DictConfig) -> None:
 
 def execute(cfg: DictConfig) -> Path | None:
     """Validate, then run (or skip) the configured experiment; returns the run folder."""
-    from retrobench.methods.base import ConfigError
-    from retrobench.tasks.base import TaskConfigError
-
     try:
         method, task = validate(cfg)
-    except (RunConfigError, ConfigError, TaskConfigError) as exc:
+    except ConfigError as exc:
         fail(str(exc))
     folder = results.run_dir(cfg)
     if results.finished(folder) and not cfg.overwrite:
@@ -206,7 +202,7 @@ def execute(cfg: DictConfig) -> Path | None:
         return folder
 
     from retrobench.engine import Engine
-    from retrobench.inputs.models import ModelConfigError, eos_token_ids
+    from retrobench.inputs.models import eos_token_ids
 
     seed = int(cfg.seed)
     seed_everything(seed)
@@ -222,7 +218,7 @@ def execute(cfg: DictConfig) -> Path | None:
         )
         samples = task.samples(tokenizer, seed)
         check_prompt_lengths(task, samples, tokenizer, int(cfg.model.get("max_context") or engine.max_context))
-    except (ConfigError, TaskConfigError, ModelConfigError) as exc:
+    except ConfigError as exc:
         fail(str(exc))
 
     if cfg.overwrite and folder.exists():
@@ -459,4 +455,4 @@ def _wandb_start(cfg: DictConfig, folder: Path) -> Any:
     )
 
 
-__all__ = ["RunConfigError", "encode_prompt", "execute", "main", "sample_seed", "validate"]
+__all__ = ["encode_prompt", "execute", "main", "sample_seed", "validate"]
