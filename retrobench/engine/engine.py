@@ -78,6 +78,15 @@ class Request:
     eager: bool = False  # never capture (a batch-1 start of a sequence joining a batch: a few steps)
 
 
+def check_settings(page_size: Any, prefill_chunk: Any) -> None:
+    """The engine's own settings, checked once here: by :class:`Engine` and, before any model
+    loads, by the run layer (:func:`retrobench.runner.validation.check_engine`)."""
+    if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1 or page_size & (page_size - 1):
+        raise ConfigError(f"engine.page_size must be a power of two (1, 2, 4, ..., 16, ...), got {page_size!r}")
+    if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
+        raise ConfigError(f"engine.prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -115,14 +124,11 @@ class Engine:
         cuda_graphs: bool = True,
         capture_check: bool = False,
     ) -> None:
-        if not isinstance(page_size, int) or page_size < 1 or page_size & (page_size - 1):
-            raise ConfigError(f"engine.page_size must be a power of two (1, 2, 4, ..., 16, ...), got {page_size!r}")
+        check_settings(page_size, prefill_chunk)
         param = next(model.parameters())
         backend = resolve_backend(backend, param.device)
         if backend not in BACKENDS:
             raise ConfigError(f"engine.backend={backend} is not available; allowed: auto, {', '.join(BACKENDS)}")
-        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
-            raise ConfigError(f"engine.prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
         self.model = model
         self.method = method
         self.page_size = page_size

@@ -74,19 +74,9 @@ def _instantiate(node: DictConfig, group: str) -> Any:
 
 def check_engine(engine: DictConfig, device: str) -> None:
     """Engine and device settings: page size, prefill chunk, backend (and its hardware), dtype."""
-    page_size = engine.get("page_size")
-    if (
-        not isinstance(page_size, int)
-        or isinstance(page_size, bool)
-        or page_size < 1
-        or page_size & (page_size - 1)
-    ):
-        raise ConfigError(
-            f"engine.page_size must be a power of two (1, 2, 4, ..., 16, ...), got {page_size}"
-        )
-    chunk = engine.get("prefill_chunk")
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ConfigError(f"engine.prefill_chunk must be an integer >= 1, got {chunk}")
+    from retrobench.engine.engine import check_settings
+
+    check_settings(engine.get("page_size"), engine.get("prefill_chunk"))
     dtype = engine.get("dtype")
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(
