@@ -65,7 +65,8 @@ examples:
   python -m retrobench bench decode --smoke --out /tmp/b    # toy sizes (TRITON_INTERPRET=1 on CPU)
 
 Results go to <results_dir>/runs/<hash>/ (config.yaml, env.json, samples.jsonl, metrics.json);
-a finished run is skipped, a killed one resumes. Load them with retrobench.store.results.load_runs().
+a finished run is skipped, a killed one resumes. Read them with retrobench.store.load_runs() (one row
+per run) and load_samples() (one row per sample).
 """
 
 

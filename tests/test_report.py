@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from retrobench.store import load_runs, load_samples
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "results_small"
 NOTEBOOKS = ROOT / "notebooks"
@@ -267,7 +269,7 @@ def tables(store):
     from retrobench import report
 
     root, _ = store
-    return report.runs_table(root), report.samples_table(root)
+    return load_runs(root), load_samples(root)
 
 
 def _acc(name: str, dataset: str, ns=(15,), seeds=(0,), budget=0.15) -> list[float]:
@@ -283,7 +285,7 @@ def _acc(name: str, dataset: str, ns=(15,), seeds=(0,), budget=0.15) -> list[flo
 
 
 def test_labels_name_the_settings_that_vary_within_a_task() -> None:
-    from retrobench.report.load import _labels
+    from retrobench.store.tables import label_runs
 
     rows = [
         {"method": "quest", "task": "longgenbench", "engine.temperature": 0.0, "budget_fraction": 0.15},
@@ -294,7 +296,7 @@ def test_labels_name_the_settings_that_vary_within_a_task() -> None:
         {"method": "retro", "task": "reasoning", "engine.temperature": 0.6, "window": 2, "base": "quest"},
         {"method": "retro", "task": "reasoning", "engine.temperature": 0.6, "window": 2, "base": "infllm"},
     ]
-    _labels(rows)
+    label_runs(rows)
     assert [r["label"] for r in rows] == [
         "quest", "quest", "quest", "quest(engine.page_size=16)", "quest(engine.page_size=32)",
         "retro(w=2, base=quest)", "retro(w=2, base=infllm)"]  # fmt: skip
@@ -484,7 +486,7 @@ def test_ambiguous_pairs_are_reported_not_fatal(tmp_path: Path) -> None:
 
     shutil.copytree(FIXTURE, tmp_path / "res")
     quest = report.select(
-        report.runs_table(FIXTURE), {"label": "quest", "task": "longgenbench", "dataset": "csqa"}
+        load_runs(FIXTURE), {"label": "quest", "task": "longgenbench", "dataset": "csqa"}
     )
     src = tmp_path / "res" / "runs" / quest["run"].iloc[0]
     twin = src.with_name("0twin0000000")
@@ -573,7 +575,7 @@ def test_committed_fixture_is_current(store) -> None:
     numbers = ["n", "accuracy", "exposure", "tpot_p50_s", "ppl_ratio", "top1_agreement", "kl_full_method"]
 
     def table(path: Path) -> Any:
-        runs = report.runs_table(path)
+        runs = load_runs(path)
         return runs[columns + numbers].sort_values(columns, na_position="first").reset_index(drop=True)
 
     import pandas as pd
@@ -582,7 +584,7 @@ def test_committed_fixture_is_current(store) -> None:
         table(FIXTURE), table(root), obj="regenerate with: python tests/test_report.py"
     )
     assert (FIXTURE / "bench" / "latency.csv").read_text() == BENCH
-    assert len(report.samples_table(FIXTURE)) == len(report.samples_table(root))
+    assert len(load_samples(FIXTURE)) == len(load_samples(root))
     assert sum(p.stat().st_size for p in FIXTURE.rglob("*") if p.is_file()) < 200_000
 
 
@@ -619,6 +621,31 @@ def test_notebooks_execute_on_fixture(name: str) -> None:
     namespace = _execute_notebook(NOTEBOOKS / name, FIXTURE)
     figures = [v for v in namespace.values() if isinstance(v, Figure)]
     assert len(figures) >= 2
+
+
+def test_the_store_has_one_reader_everywhere() -> None:
+    """Issue 15: README, ``--help`` and the notebooks name one reader of the store
+    (``retrobench.store.load_runs`` / ``load_samples``) and one set of columns; the report's former
+    ``runs_table`` / ``samples_table`` are the same functions."""
+    from retrobench import report, store
+    from retrobench.cli import USAGE
+    from retrobench.store.tables import KEY_COLUMNS
+
+    assert report.runs_table is report.load_runs is store.load_runs is load_runs
+    assert report.samples_table is report.load_samples is store.load_samples is load_samples
+    runs, samples = load_runs(FIXTURE), load_samples(FIXTURE)
+    assert list(runs.columns[: len(KEY_COLUMNS)]) == list(KEY_COLUMNS)
+    assert list(samples.columns[: len(KEY_COLUMNS)]) == list(KEY_COLUMNS)
+    readme = (ROOT / "README.md").read_text()
+    assert "runs_table" not in readme and "samples_table" not in readme
+    documented = readme[readme.index('runs = load_runs("results")'):]
+    documented = documented[: documented.index("```")]
+    assert all(column in documented for column in KEY_COLUMNS), "README: the columns of load_runs"
+    assert "retrobench.store.load_runs()" in USAGE and "load_samples()" in USAGE
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        text = path.read_text()
+        assert "from retrobench.store import load_runs, load_samples" in text, path.name
+        assert "runs_table" not in text and "samples_table" not in text, path.name
 
 
 def test_latency_notebook_plots_the_committed_decode_table(tmp_path: Path) -> None:

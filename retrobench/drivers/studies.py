@@ -145,9 +145,10 @@ def study_table(args: argparse.Namespace) -> None:
     """One table over a result store: per task, method and budget the mean [95% CI] over samples
     of each task's metrics, exposure, the runs' wall times and where they ran; plus retro - quest
     paired on the same samples."""
-    from retrobench.report import cell, paired, runs_table, samples_table, summary
+    from retrobench.report import cell, paired, summary
+    from retrobench.store import load_runs, load_samples
 
-    samples, runs = samples_table(args.store), runs_table(args.store)
+    samples, runs = load_samples(args.store), load_runs(args.store)
     keys = ["task", "dataset", "label", "budget_fraction"]
     lines = [f"| {' | '.join(keys)} | n | metrics (mean [95% CI]) | exposure | run wall s | machine |",
              "|" + "---|" * (len(keys) + 5)]  # fmt: skip

@@ -1,6 +1,6 @@
 """Plots over the result tables: each function takes a DataFrame and returns a matplotlib Figure.
 
-The frames are :func:`retrobench.report.samples_table` / :func:`retrobench.report.runs_table`
+The frames are :func:`retrobench.store.load_samples` / :func:`retrobench.store.load_runs`
 (or a benchmark CSV for :func:`latency_vs_context`); the functions aggregate themselves (mean and
 95% bootstrap CI per point, :func:`retrobench.report.summary`), so a notebook can pass a filtered
 table straight in. Figures are created without pyplot on the Agg canvas: no global state, no

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from retrobench.store import results
+from retrobench.store.tables import load_runs, load_samples, read_rows
 from retrobench.report import sections
-from retrobench.report.load import _read_rows, read_bench, runs_table, samples_table
+from retrobench.report.load import read_bench
 from retrobench.report.markdown import _Writer
 from retrobench.report.sections import _generating
 from retrobench.report.stats import select
@@ -42,8 +43,8 @@ def write_report(
             shutil.rmtree(out / sub)
     out.mkdir(parents=True, exist_ok=True)
 
-    runs = runs_table(results_dir)
-    samples = samples_table(results_dir)
+    runs = load_runs(results_dir)
+    samples = load_samples(results_dir)
     w = _Writer(out)
     w.text(
         "# retrobench report",
@@ -82,7 +83,7 @@ def run_figures(folder: str | Path) -> dict[str, Any]:
     from retrobench.report import plots
 
     folder = Path(folder)
-    rows = _read_rows(folder / results.SAMPLES_FILE)
+    rows = read_rows(folder / results.SAMPLES_FILE)
     figures: dict[str, Any] = {}
     steps = [
         {"sample": r.get("id"), "step": i + 1, "ms": 1000.0 * float(t)}
