@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from retrobench.store.tables import numeric, short  # noqa: F401 - one definition, shared with the store's reader
+
 #: Metrics stored as fractions in [0, 1] and shown in percent.
 PERCENT = frozenset({"accuracy", "completion", "top1_agreement", "mass_recall"})
 
@@ -21,21 +23,14 @@ BASES = ("quest", "infllm", "oracle")
 METHOD_ORDER = ("full", "streaming", "tova", "infllm", "quest", "oracle", "retro")
 
 
-def _scale(metric: str) -> float:
+def metric_scale(metric: str) -> float:
+    """100 for a metric shown in percent (:data:`PERCENT`), else 1."""
     return 100.0 if metric in PERCENT else 1.0
 
 
-def _short(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _none(value: Any) -> Any:
+def none_if_nan(value: Any) -> Any:
+    """``None`` for None or NaN, else the value."""
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def _numeric(series: Any) -> Any:
-    import pandas as pd
-
-    return pd.to_numeric(series, errors="coerce").astype(float)
+__all__ = ["BASES", "METHOD_ORDER", "PERCENT", "metric_scale", "none_if_nan", "numeric", "short"]

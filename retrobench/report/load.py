@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from retrobench.report.common import _none, _numeric, _short
+from retrobench.report.common import none_if_nan, numeric, short
 
 def read_bench(bench_dir: str | Path) -> dict[str, Any]:
     """``{stem: DataFrame}`` of every ``*.csv`` in ``bench_dir`` (``{}`` when it does not exist)."""
@@ -52,13 +52,13 @@ def runs_latency(runs: Any) -> Any:
     if frame.empty:
         return pd.DataFrame(columns=columns)
     frame["budget"] = [
-        f"{_short(f)}" if _none(f) is not None else (f"{_short(t)} tokens" if _none(t) is not None else "")
+        f"{short(f)}" if none_if_nan(f) is not None else (f"{short(t)} tokens" if none_if_nan(t) is not None else "")
         for f, t in zip(frame["budget_fraction"], frame["budget_tokens"])
     ]
     frame["device"] = frame.get("env.device_name", frame.get("device"))
-    frame["context"] = _numeric(frame["task.context_tokens"]).astype(int)
+    frame["context"] = numeric(frame["task.context_tokens"]).astype(int)
     for q in ("p10", "p50", "p90"):
-        frame[f"{q}_ms"] = _numeric(frame.get(f"tpot_{q}_s", np.nan)) * 1000
+        frame[f"{q}_ms"] = numeric(frame.get(f"tpot_{q}_s", np.nan)) * 1000
     keys = ["model", "device", "method", "window", "budget", "context"]
     out = (
         frame.groupby(keys, dropna=False)

@@ -22,7 +22,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from retrobench.store.metrics import bootstrap_ci
-from retrobench.report import BASES, PERCENT, select, summary
+from retrobench.report.common import BASES, PERCENT, metric_scale, short
+from retrobench.report.stats import select, summary
 
 _BUCKET = re.compile(r"^nll_ratio_bucket_(\d+)$")
 #: Method settings a retro run shares with its base (a base run must agree to stand in for w = 1).
@@ -45,10 +46,6 @@ def _empty(message: str) -> Figure:
     return fig
 
 
-def _scale(metric: str) -> float:
-    return 100.0 if metric in PERCENT else 1.0
-
-
 def _ylabel(metric: str) -> str:
     return f"{metric} (%)" if metric in PERCENT else metric
 
@@ -61,7 +58,7 @@ def _facets(df: Any, facet: str | None) -> list[tuple[Any, Any]]:
 
 def _errorbar(ax: Any, stats: Any, x: str, metric: str, label: str, **kwargs: Any) -> None:
     stats = stats.sort_values(x)
-    scale = _scale(metric)
+    scale = metric_scale(metric)
     mean = stats["mean"].to_numpy(float) * scale
     low = stats["ci_low"].to_numpy(float) * scale
     high = stats["ci_high"].to_numpy(float) * scale
@@ -74,12 +71,6 @@ def _errorbar(ax: Any, stats: Any, x: str, metric: str, label: str, **kwargs: An
         label=label,
         **kwargs,
     )
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
 
 
 #: Columns that split a line when they vary within a panel (never pool different settings silently).
@@ -101,7 +92,7 @@ def _series(df: Any, name: str, skip: Sequence[str | None] = (), split: Sequence
     ]
     for col in cols:
         values = [
-            "-" if v is None or (isinstance(v, float) and math.isnan(v)) else _short(v) for v in df[col]
+            "-" if v is None or (isinstance(v, float) and math.isnan(v)) else short(v) for v in df[col]
         ]
         base = [f"{b}, {_SHORT_NAMES.get(col, col)}={v}" for b, v in zip(base, values)]
     df["_series"] = base
@@ -228,7 +219,7 @@ def _window_plot(
             _errorbar(ax, summary(group, ["window"], metric), "window", metric, str(name))
         windows = sorted(part["window"].dropna().unique())
         ax.set_xscale("log", base=2)
-        ax.set_xticks(windows, [_short(float(w)) for w in windows])
+        ax.set_xticks(windows, [short(float(w)) for w in windows])
         ax.set_xlabel("retrospective window w (1 = base method)")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{facet}={value}" if value is not None else f"{metric} vs window")
@@ -276,7 +267,7 @@ def exposure_vs_accuracy(df: Any, metric: str = "accuracy", hue: str = "label") 
     if df.empty:
         return _empty(f"no rows with exposure and {metric}")
     fig, (ax,) = _figure()
-    scale = _scale(metric)
+    scale = metric_scale(metric)
     for name, group in df.groupby(hue, dropna=False, sort=True):
         xs, ys, lo, hi = [], [], [], []
         for _, run in group.groupby("run", sort=True):
@@ -367,9 +358,9 @@ def latency_series(frame: Any) -> Any:
         window = row.get("window")
         has_window = window is not None and not (isinstance(window, float) and math.isnan(window))
         if has_window and (name == "retro" or float(window) > 1):
-            name += f" w={_short(float(window))}"
+            name += f" w={short(float(window))}"
         if budgets > 1 and row.get("budget") is not None:
-            name += f" b={_short(row['budget'])}"
+            name += f" b={short(row['budget'])}"
         names.append(name)
     frame["series"] = names
     return frame
@@ -398,7 +389,7 @@ def latency_vs_context(frame: Any, metric: str = "p50_ms", facet: str | None = N
         ax.set_xscale("log", base=2)
         contexts = sorted(part["context"].dropna().unique())
         ax.set_xticks(
-            contexts, [f"{int(c) // 1024}K" if c % 1024 == 0 else _short(float(c)) for c in contexts]
+            contexts, [f"{int(c) // 1024}K" if c % 1024 == 0 else short(float(c)) for c in contexts]
         )
         ax.minorticks_off()
         ax.set_xlabel("context (tokens)")
@@ -431,12 +422,12 @@ def paired_differences(diff: Any, metric: str = "accuracy", by: str | Sequence[s
     label_a, label_b) as points with 95% CIs, zero marked; in pp for percent metrics."""
     if diff.empty:
         return _empty("no paired differences")
-    scale = _scale(metric)
+    scale = metric_scale(metric)
     by = [by] if isinstance(by, str) else list(by or [])
     names = []
     for _, row in diff.iterrows():
         parts = [f"{row['label_a']} − {row['label_b']}"]
-        parts += [f"{_SHORT_NAMES.get(c, c)}={_short(row[c])}" for c in by + ["num_questions", "budget_fraction"]
+        parts += [f"{_SHORT_NAMES.get(c, c)}={short(row[c])}" for c in by + ["num_questions", "budget_fraction"]
                   if c in diff.columns
                   and row[c] is not None and not (isinstance(row[c], float) and math.isnan(row[c]))]  # fmt: skip
         names.append(", ".join(dict.fromkeys(parts)))

@@ -15,8 +15,8 @@ from retrobench.store import results
 from retrobench.store.tables import load_runs, load_samples, read_rows
 from retrobench.report import sections
 from retrobench.report.load import read_bench
-from retrobench.report.markdown import _Writer
-from retrobench.report.sections import _generating
+from retrobench.report.markdown import Writer
+from retrobench.report.sections import generating
 from retrobench.report.stats import select
 
 
@@ -45,7 +45,7 @@ def write_report(
 
     runs = load_runs(results_dir)
     samples = load_samples(results_dir)
-    w = _Writer(out)
+    w = Writer(out)
     w.text(
         "# retrobench report",
         f"Store: `{results_dir}` — {len(runs)} finished runs, {len(samples)} samples"
@@ -58,7 +58,7 @@ def write_report(
     )
 
     sections.runs_overview(w, runs, samples)
-    gen = _generating(samples)
+    gen = generating(samples)
     lgb = select(gen, {"task": "longgenbench"})
     sections.longgenbench(w, lgb)
     sections.paper_comparison(w, runs, samples, bench)
