@@ -168,6 +168,8 @@ FORBIDDEN_IMPORTS = {
                           "retrobench.engine", "retrobench.cli", "retrobench.api"),
     "retrobench.report": ("retrobench.engine", "retrobench.methods", "retrobench.kernels", "retrobench.runner",
                           "retrobench.inputs", "retrobench.drivers", "retrobench.cli", "retrobench.api"),
+    "retrobench.store": ("retrobench.engine", "retrobench.methods", "retrobench.tasks", "retrobench.runner",
+                         "retrobench.inputs", "retrobench.report", "retrobench.drivers", "retrobench.cli", "retrobench.api"),
     "retrobench.runner": ("retrobench.drivers", "retrobench.cli", "retrobench.api"),
 }  # fmt: skip
 

@@ -7,8 +7,8 @@
 - :mod:`~retrobench.store.metrics` — per-sample scores to per-run metrics, bootstrap CIs, paired
   differences.
 
-The store imports nothing of the engine, the drivers or the report (provenance asks the kernels for
-the backend and :mod:`retrobench.runner.gpus` for the GPU); everything else reads results through it.
+The store imports nothing of the engine, the run layer, the drivers or the report (provenance asks
+the kernels which backend ``auto`` picks); everything else reads and writes results through it.
 """
 
 from retrobench.store.tables import load_runs, load_samples

@@ -131,8 +131,6 @@ def environment(backend: str, device: str) -> dict[str, Any]:
     if str(device).startswith("cuda"):
         import torch
 
-        from retrobench.runner.gpus import gpu_info
-
         if torch.cuda.is_available():
             env["device_name"] = torch.cuda.get_device_name(torch.device(device))
             env["cuda"] = torch.version.cuda
@@ -140,6 +138,24 @@ def environment(backend: str, device: str) -> dict[str, Any]:
         env["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
     env.update(_job_info())
     return env
+
+
+def gpu_info(device: str) -> dict[str, Any]:
+    """Index, name, UUID and memory of the CUDA device ``device`` (``cuda`` = the current one)."""
+    import torch
+
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return {}
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    props = torch.cuda.get_device_properties(index)
+    uuid = getattr(props, "uuid", None)
+    return {
+        "gpu_index": index,
+        "gpu_name": props.name,
+        "gpu_uuid": f"GPU-{uuid}" if uuid is not None and not str(uuid).startswith("GPU-") else uuid,
+        "gpu_memory_gb": round(props.total_memory / 2**30, 1),
+    }
 
 
 def _job_info() -> dict[str, Any]:
@@ -261,6 +277,7 @@ __all__ = [
     "append_sample",
     "environment",
     "finished",
+    "gpu_info",
     "read_samples",
     "run_dir",
     "run_folders",
