@@ -374,6 +374,22 @@ def test_paired_differences(tables) -> None:
     }
 
 
+def test_paper_numbers_are_data_with_a_source_each(tmp_path: Path) -> None:
+    """The paper's numbers live in ``report/paper_numbers.yaml`` (each naming its table in ``sources``);
+    one small reader turns them into :class:`PaperNumber` rows and names a bad field or source."""
+    import yaml
+
+    from retrobench.report.paper_numbers import DATA, PAPER_NUMBERS, load_paper_numbers
+
+    data = yaml.safe_load(DATA.read_text())
+    assert len(PAPER_NUMBERS) == len(data["numbers"]) and {e["source"] for e in data["numbers"]} <= set(data["sources"])
+    assert all(n.source.startswith(tuple(data["sources"].values())) for n in PAPER_NUMBERS)
+    bad = {**data, "numbers": [{**data["numbers"][0], "source": "nowhere"}]}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad, allow_unicode=True))
+    with pytest.raises(ValueError, match="source=nowhere is not a source; allowed: .*main"):
+        load_paper_numbers(tmp_path / "bad.yaml")
+
+
 def test_paper_table_gaps(tables) -> None:
     from retrobench import report
     from retrobench.report.paper_numbers import PAPER_NUMBERS, by_key, main_table

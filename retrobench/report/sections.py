@@ -154,7 +154,7 @@ def paper_comparison(w: Writer, runs: Any, samples: Any, bench: Mapping[str, Any
     table = paper_table(samples, latency_frames)
     if (table["n"] > 0).any():
         w.text(
-            "Paper numbers from `reference/paper.md` (`retrobench/paper_numbers.py`, source per row). "
+            "Paper numbers from `reference/paper.md` (`retrobench/report/paper_numbers.yaml`, source per row). "
             "`gap` = ours − paper. Rows whose model differs from the paper's (`same_model` = no) are "
             "context, not a reproduction check."
         )
