@@ -57,7 +57,8 @@ def make_method(method: str | Method = "retro", budget: int | float | None = Non
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from retrobench.cli import conf_dir, group_options
+    from retrobench.conf import conf_dir
+    from retrobench.runner.launch import group_options
 
     names = group_options("method")
     if method not in names:

@@ -171,6 +171,7 @@ FORBIDDEN_IMPORTS = {
     "retrobench.store": ("retrobench.engine", "retrobench.methods", "retrobench.tasks", "retrobench.runner",
                          "retrobench.inputs", "retrobench.report", "retrobench.drivers", "retrobench.cli", "retrobench.api"),
     "retrobench.runner": ("retrobench.drivers", "retrobench.cli", "retrobench.api"),
+    "retrobench.drivers": ("retrobench.cli", "retrobench.api", "hydra._internal"),
 }  # fmt: skip
 
 

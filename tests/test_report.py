@@ -266,8 +266,6 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str
 
 @pytest.fixture(scope="module")
 def tables(store):
-    from retrobench import report
-
     root, _ = store
     return load_runs(root), load_samples(root)
 
@@ -584,8 +582,6 @@ def test_cli_report(tmp_path: Path) -> None:
 def test_committed_fixture_is_current(store) -> None:
     """The committed store holds the same runs and numbers as a fresh build (run hashes and config
     files may differ after a config default changes; regenerate with ``python tests/test_report.py``)."""
-    from retrobench import report
-
     root, _ = store
     columns = ["task", "label", "dataset", "num_questions", "budget_fraction", "seed"]
     numbers = ["n", "accuracy", "exposure", "tpot_p50_s", "ppl_ratio", "top1_agreement", "kl_full_method"]

@@ -28,7 +28,6 @@ earlier entry, and already finished (it composes every grid point; it runs nothi
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import random
@@ -41,7 +40,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from retrobench.cli import conf_dir
+from retrobench.conf import conf_dir
 
 LIST_FILE = "reproduce.yaml"
 OFFLINE_TOKEN = "{offline_data}"
@@ -230,14 +229,21 @@ def _substitute(entry: Entry, offline: Path) -> Entry:
 
 
 def grid(entry: Entry, results_dir: str, extra: list[str]) -> list[list[str]]:
-    """The override list of every job of the entry's multirun (Hydra's own sweep expansion)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    """The override list of every job of the entry's multirun, in the order Hydra's basic sweeper
+    runs them: the product of each override's values (``a=1,2``, ``choice(...)``), last key fastest."""
+    import itertools
+
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     args = [a for a in entry.args(results_dir, extra) if a != "-m"]
-    parsed = OverridesParser.create().parse_overrides(args)
-    (batch,) = BasicSweeper.split_arguments(parsed, None)
-    return batch
+    options = []
+    for override in OverridesParser.create().parse_overrides(args):
+        key = override.get_key_element()
+        if override.is_sweep_override() and not override.is_discrete_sweep():
+            raise ValueError(f"{override.input_line}: a range or interval sweep cannot be listed; give the values (a=1,2)")
+        values = override.sweep_string_iterator() if override.is_sweep_override() else [override.get_value_element_as_str()]
+        options.append([f"{key}={value}" for value in values])
+    return [list(job) for job in itertools.product(*options)]
 
 
 def run_folders(entry: Entry, results_dir: str, extra: list[str]) -> list[Path]:
@@ -366,55 +372,17 @@ def _quote(text: str) -> str:
     return shlex.quote(text)
 
 
-class _Relay(io.TextIOBase):
-    """stdout while an entry runs: numbers the runs' ``done:`` lines, counts ``skip:`` lines, drops
-    Hydra's per-job launch lines, and passes everything else through."""
-
-    def __init__(self, out: Any, entry: Entry, jobs: int, started: float) -> None:
-        self.out, self.entry, self.jobs, self.started = out, entry, jobs, started
-        self.buffer_text, self.done, self.skipped = "", 0, 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, text: str) -> int:
-        self.buffer_text += text
-        while "\n" in self.buffer_text:
-            line, self.buffer_text = self.buffer_text.split("\n", 1)
-            self._line(line)
-        return len(text)
-
-    def flush(self) -> None:
-        self.out.flush()
-
-    def _line(self, line: str) -> None:
-        if line.startswith("skip:"):
-            self.skipped += 1
-            return
-        if "[HYDRA]" in line:
-            return
-        if line.startswith("done:"):
-            self.done += 1
-            _, folder, *rest = line.split()
-            count = self.done + self.skipped
-            self.out.write(
-                f"  [{self.entry.name} {count}/{self.jobs}] {Path(folder).name} {' '.join(rest)}"
-                f"  ({_fmt(time.perf_counter() - self.started)} total)\n"
-            )
-        else:
-            self.out.write(line + "\n")
-        self.out.flush()
-
-
 def run_entry(
     entry: Entry, index: int, total: int, results_dir: str, extra: list[str], started: float
 ) -> int:
     """Run one entry as a Hydra multirun in this process; returns its exit code (0 when ok).
 
-    Jobs share this process, so a model stays loaded across entries (``retrobench.runner.run``'s cache).
-    An entry whose runs are all finished (e.g. shared with earlier entries) is not launched.
+    The run layer starts the jobs (:func:`retrobench.runner.launch.launch`); which of the entry's
+    planned run folders finished is then read from the store, not from the jobs' output. Jobs share
+    this process, so a model stays loaded across entries (``retrobench.runner.run``'s cache). An
+    entry whose runs are all finished (e.g. shared with earlier entries) is not launched.
     """
-    from retrobench import cli
+    from retrobench.runner.launch import launch, prepare_run
     from retrobench.store import results
 
     folders = run_folders(entry, results_dir, extra)
@@ -427,21 +395,23 @@ def run_entry(
     args = ["run", *entry.args(results_dir, extra)]
     print("  $ python -m retrobench " + " ".join(_quote(a) for a in args), flush=True)
     t0 = time.perf_counter()
-    relay = _Relay(sys.stdout, entry, len(folders), started)
-    saved = sys.stdout
-    sys.stdout = relay  # type: ignore[assignment]
-    try:
-        code = cli.main(args)
-    except SystemExit as exc:  # a job's config error (exit 2), Hydra's own failures (exit 1), Ctrl-C (130)
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.stdout = saved
-    if code == 0 and any(not results.finished(f) for f in folders):
+    overrides, error = prepare_run(args[1:])
+    if error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        code = 2
+    else:
+        try:
+            launch(overrides)
+            code = 0
+        except SystemExit as exc:  # a job's config error (exit 2), Hydra's own failures (exit 1), Ctrl-C (130)
+            code = exc.code if isinstance(exc.code, int) else 1
+    done = sum(results.finished(f) for f in todo)
+    if code == 0 and done < len(todo):
         code = 1
     state = "ok" if code == 0 else f"FAILED (exit {code})"
     print(
-        f"[{index}/{total}] {entry.name}: {state}, {relay.done} run, {relay.skipped} skipped, "
-        f"{_fmt(time.perf_counter() - t0)}",
+        f"[{index}/{total}] {entry.name}: {state}, {done} run, {len(folders) - len(todo)} skipped, "
+        f"{_fmt(time.perf_counter() - t0)} ({_fmt(time.perf_counter() - started)} total)",
         flush=True,
     )
     return code

@@ -177,7 +177,7 @@ def release_model() -> None:
 
 
 def main(cfg: DictConfig) -> None:
-    """Hydra task function (see :mod:`retrobench.cli`)."""
+    """Hydra task function (started by :func:`retrobench.runner.launch.launch`)."""
     hydra_dir = _hydra_output_dir()
     try:
         with gpus.assigned(cfg) as gpu:  # a parallel launcher's job takes a whole free GPU first
