@@ -1,4 +1,4 @@
-"""The paper's experiments, their grids and ``make reproduce`` (``retrobench/reproduce.py``).
+"""The paper's experiments, their grids and ``make reproduce`` (``retrobench/drivers/reproduce.py``).
 
 - every entry of ``conf/reproduce.yaml`` names an experiment overlay and a grid that compose, and
   every experiment overlay is in the list (``smoke`` aside) with its command and paper numbers;

@@ -1,4 +1,4 @@
-"""The per-job GPU pool (``retrobench/gpus.py``): when it applies, and that two processes never hold
+"""The per-job GPU pool (``retrobench/runner/gpus.py``): when it applies, and that two processes never hold
 the same GPU at once (file locks, exercised on CPU with fake GPU counts); a real 2-job joblib run
 on CUDA is the ``gpu`` test at the end."""
 
