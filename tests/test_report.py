@@ -548,6 +548,20 @@ def test_plots_return_figures(tables) -> None:
     assert set(base["window"]) == {1.0} and set(base["series"]) == {"retro"}
 
 
+def test_the_report_reads_which_method_wraps_which_base_from_the_runs(tables) -> None:
+    """Issue 15: no hand-kept list of bases or of the settings retro shares with its base; the store's
+    reader records per method the settings its runs recorded, and the window plot pairs a run that
+    recorded a base and a window with that base's runs on the settings both recorded."""
+    from retrobench.report import plots
+
+    _, samples = tables
+    settings = samples.attrs["settings"]
+    assert {"base", "window", "budget_fraction"} <= set(settings["retro"]) and "window" not in settings["quest"]
+    shared = set(plots._shared_settings(samples, "retro", "quest"))
+    assert shared == {"selection", "dense_layers", "min_pages", "budget_fraction", "budget_tokens"} & set(samples.columns)
+    assert not hasattr(plots, "SHARED_WITH_BASE") and not hasattr(__import__("retrobench.report").report, "BASES")
+
+
 # ---- CLI ------------------------------------------------------------------------------------------------
 
 

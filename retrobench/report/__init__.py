@@ -34,7 +34,7 @@ Every public name is re-exported here: import from ``retrobench.report``.
 
 from __future__ import annotations
 
-from retrobench.report.common import BASES, PERCENT
+from retrobench.report.common import PERCENT
 from retrobench.report.common import METHOD_ORDER as METHOD_ORDER  # public, not in __all__ (as before)
 from retrobench.report.load import is_latency_frame, read_bench, runs_latency
 from retrobench.report.markdown import cell, pivot_cells, to_markdown
@@ -47,7 +47,6 @@ from retrobench.store.tables import KEY_COLUMNS, load_runs, load_samples
 runs_table, samples_table = load_runs, load_samples
 
 __all__ = [
-    "BASES",
     "KEY_COLUMNS",
     "PERCENT",
     "cell",

@@ -22,12 +22,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from retrobench.store.metrics import bootstrap_ci
-from retrobench.report.common import BASES, PERCENT, metric_scale, short
+from retrobench.report.common import PERCENT, metric_scale, short
 from retrobench.report.stats import select, summary
 
 _BUCKET = re.compile(r"^nll_ratio_bucket_(\d+)$")
-#: Method settings a retro run shares with its base (a base run must agree to stand in for w = 1).
-SHARED_WITH_BASE = ("selection", "dense_layers", "min_pages", "budget_fraction", "budget_tokens")
+#: Settings every method records: what a base run must match when the frame lacks ``attrs["settings"]``.
+BUDGETS = ("budget_fraction", "budget_tokens")
 
 
 def _figure(panels: int = 1, width: float = 5.0, height: float = 3.6) -> tuple[Figure, list[Any]]:
@@ -171,37 +171,49 @@ def _strip_window(label: str) -> str:
     return f"{method}({', '.join(parts)})" if parts else method
 
 
+def _shared_settings(df: Any, method: str, base: str) -> list[str]:
+    """The setting columns both ``method`` and its ``base`` recorded (``df.attrs["settings"]``, set by
+    the store's reader): what a base run must agree on to stand in for w = 1."""
+    recorded = df.attrs.get("settings") or {}
+    if not recorded:
+        return [c for c in BUDGETS if c in df.columns]
+    return [c for c in recorded.get(method, ()) if c in recorded.get(base, ()) and c in df.columns]
+
+
 def window_frame(df: Any) -> Any:
-    """Rows for window plots: retro rows with their ``window``, plus each retro variant's base runs
-    (same shared settings and budget) as ``window = 1``; ``series`` names the retro variant
-    (its label without ``w=``), e.g. ``retro`` or ``retro(past_query=cached)``."""
+    """Rows for window plots: the rows of runs that recorded a base method and a window (retro), plus
+    each variant's base runs (same shared settings and budget) as ``window = 1``; ``series`` names the
+    variant (its label without ``w=``), e.g. ``retro`` or ``retro(past_query=cached)``."""
     import pandas as pd
 
-    if df.empty or "method" not in df.columns:
+    if df.empty or not {"method", "base", "window"} <= set(df.columns):
         return df.assign(series=pd.Series(dtype=object)).iloc[0:0]
-    retro = df[df["method"] == "retro"].copy()
-    if retro.empty:
-        return retro.assign(series=pd.Series(dtype=object))
-    retro["series"] = [_strip_window(v) for v in retro["label"]]
-    frames = [retro]
-    shared = [c for c in SHARED_WITH_BASE if c in df.columns]
+    wrapped = df[df["base"].notna() & df["window"].notna()].copy()
+    if wrapped.empty:
+        return wrapped.assign(series=pd.Series(dtype=object))
+    wrapped["series"] = [_strip_window(v) for v in wrapped["label"]]
+    frames = [wrapped]
     same = [c for c in ("model", "task", "dataset", "num_questions") if c in df.columns]  # same experiment
-    for (series, base, *values), _ in retro.groupby(
-        ["series", "base", *shared, *same], dropna=False, sort=True
-    ):
-        if base not in BASES:
-            continue
-        base_rows = df[df["method"] == base]
-        for col, value in zip([*shared, *same], values):
-            if value is None or (isinstance(value, float) and math.isnan(value)):
-                if col.startswith("budget") or col in same:
-                    base_rows = base_rows[base_rows[col].isna()]
-                continue  # a retro setting left to the base's default (null) accepts any base value
-            base_rows = select(base_rows, {col: value})
-        if not base_rows.empty:
-            frames.append(base_rows.assign(window=1.0, series=series))
+    for (method, base), pair in wrapped.groupby(["method", "base"], sort=True):
+        shared = _shared_settings(df, str(method), str(base))
+        for (series, *values), _ in pair.groupby(["series", *shared, *same], dropna=False, sort=True):
+            _add_base_rows(df, frames, str(base), series, [*shared, *same], values, same)
     out = pd.concat(frames, ignore_index=True)
     return out
+
+
+def _add_base_rows(df: Any, frames: list[Any], base: str, series: Any, columns: list[str], values: list[Any],
+                   same: list[str]) -> None:
+    """Append the ``base`` runs that agree with one variant's ``values`` of ``columns`` as w = 1."""
+    base_rows = df[df["method"] == base]
+    for col, value in zip(columns, values):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            if col.startswith("budget") or col in same:
+                base_rows = base_rows[base_rows[col].isna()]
+            continue  # a setting left to the base's default (null) accepts any base value
+        base_rows = select(base_rows, {col: value})
+    if not base_rows.empty:
+        frames.append(base_rows.assign(window=1.0, series=series))
 
 
 def _window_plot(

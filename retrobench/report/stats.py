@@ -167,7 +167,7 @@ def paired_vs_base(samples: Any, metric: str, by: Sequence[str] = (), **kwargs: 
 
     if samples.empty or "method" not in samples.columns:
         return paired(samples, {"method": "retro"}, {"method": "quest"}, metric, by)
-    retro = samples[samples["method"] == "retro"]
+    retro = samples[samples["base"].notna()] if "base" in samples.columns else samples.iloc[0:0]  # runs over a base
     frames = []
     group_by = [*by, "budget_fraction", "budget_tokens"]
     for label in sorted(retro["label"].dropna().unique()):

@@ -5,7 +5,8 @@ Columns of :func:`load_runs`: :data:`KEY_COLUMNS` first (run hash, model, method
 method plus the settings that distinguish its runs, e.g. ``retro(w=2)``, base, window, budget
 fraction and tokens, task, dataset, num_questions, seed, backend), then every other method setting,
 task_version, device, ``task.*`` and ``engine.*`` settings, ``env.*`` provenance and every metric
-of ``metrics.json`` (listed in ``frame.attrs["metrics"]``). :func:`load_samples` has the same run
+of ``metrics.json`` (listed in ``frame.attrs["metrics"]``); ``frame.attrs["settings"]`` names, per
+method, the setting columns its runs recorded. :func:`load_samples` has the same run
 columns plus each sample's fields, scores and stats. Both read only: a damaged line is skipped,
 never repaired. A long (run x metric) frame is ``runs.melt(id_vars=[...], value_vars=runs.attrs["metrics"])``.
 
@@ -53,6 +54,18 @@ def _dataset(task_settings: Mapping[str, Any]) -> Any:
         if task_settings.get(key) is not None:
             return task_settings[key]
     return None
+
+
+def _setting_columns(settings: Mapping[str, Any]) -> list[str]:
+    """The table columns of the method settings a run recorded (``budget.fraction`` -> ``budget_fraction``)."""
+    return [_SETTING_NAMES.get(k, k.replace(".", "_")) for k, v in settings.items() if k != "method" and _scalar(v)]
+
+
+def _default_setting(method: Any, key: str) -> Any:
+    """``key``'s default in ``conf/method/<method>.yaml`` (None when the method or key has none)."""
+    from retrobench.conf import conf_dir
+
+    return _load_yaml(conf_dir() / "method" / f"{method}.yaml").get(key)
 
 
 def _run_record(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -104,7 +117,8 @@ def label_runs(rows: list[dict[str, Any]]) -> None:
     Settings are compared within a task: the reasoning runs' sampling temperature does not relabel
     the LongGenBench runs.
 
-    Retro labels always carry the window (``retro(w=2)``) and the base when it is not quest.
+    A method whose runs record a window (retro) always shows it (``retro(w=2)``), and a recorded
+    base method that differs from the method's configured default is shown too.
     """
     ignore = {"run", "model", "method", "label", "task", "task_version", "dataset", "num_questions", "seed"}
     ignore |= {"backend", "device", *_NOT_IN_LABEL}
@@ -116,9 +130,11 @@ def label_runs(rows: list[dict[str, Any]]) -> None:
             k for r in group for k in r if k not in ignore and not k.startswith(("task.", "env."))
         ))  # fmt: skip
         varying = [k for k in keys if len({json.dumps(r.get(k), default=str) for r in group}) > 1]
-        if method == "retro":
+        if any(r.get("window") is not None for r in group):
             varying = ["window"] + [k for k in varying if k != "window"]
-            if "base" not in varying and any(r.get("base") not in (None, "quest") for r in group):
+        if any(r.get("base") is not None for r in group) and "base" not in varying:
+            default = _default_setting(method, "base")
+            if any(r.get("base") not in (None, default) for r in group):
                 varying.insert(0, "base")
         for row in group:
             parts = [f"{_LABEL_NAMES.get(k, k)}={short(row.get(k))}" for k in varying]
@@ -143,17 +159,22 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _finished_runs(results_dir: str | Path) -> list[tuple[Path, dict[str, Any], dict[str, Any]]]:
-    records = []
+def _finished_runs(results_dir: str | Path) -> tuple[list[tuple[Path, dict[str, Any], dict[str, Any]]], dict[str, list[str]]]:
+    """``(records, settings)``: ``(folder, keys, metrics)`` per finished run, and per method the
+    setting columns its runs recorded (``frame.attrs["settings"]``)."""
+    records, settings = [], {}
     for folder in results.run_folders(results_dir):
         try:
             keys, metrics = _run_record(folder)
+            info = json.loads((folder / results.METRICS_FILE).read_text())
         except (OSError, ValueError) as exc:  # a corrupt metrics.json is skipped, not fatal
             print(f"warning: skipping {folder}: {exc}")
             continue
         records.append((folder, keys, metrics))
+        columns = settings.setdefault(str(keys["method"]), [])
+        columns += [c for c in _setting_columns(info.get("method_settings") or {}) if c not in columns]
     label_runs([keys for _, keys, _ in records])
-    return records
+    return records, settings
 
 
 def _frame(records: list[dict[str, Any]], first: Sequence[str]) -> Any:
@@ -195,13 +216,15 @@ def load_runs(results_dir: str | Path = "results") -> Any:
     is in ``frame.attrs["metrics"]``.
     """
     records, metric_names = [], []
-    for _, keys, metrics in _finished_runs(results_dir):
+    runs, settings = _finished_runs(results_dir)
+    for _, keys, metrics in runs:
         records.append({**keys, **metrics})
         metric_names += [m for m in metrics if m not in metric_names]
     frame = _frame(records, KEY_COLUMNS)
     for name in metric_names:
         frame[name] = numeric(frame[name])
     frame.attrs["metrics"] = metric_names
+    frame.attrs["settings"] = settings
     return frame
 
 
@@ -215,7 +238,8 @@ def load_samples(results_dir: str | Path = "results", text: bool = False) -> Any
     ``text=True`` adds the generated ``output``. ``frame.attrs["scores"]`` lists the score columns.
     """
     records, scores = [], []
-    for folder, keys, _ in _finished_runs(results_dir):
+    runs, settings = _finished_runs(results_dir)
+    for folder, keys, _ in runs:
         for row in read_rows(folder / results.SAMPLES_FILE):
             flat = dict(keys)
             for field in _SAMPLE_FIELDS:
@@ -239,6 +263,7 @@ def load_samples(results_dir: str | Path = "results", text: bool = False) -> Any
             records.append(flat)
     frame = _frame(records, (*KEY_COLUMNS, "id"))
     frame.attrs["scores"] = scores
+    frame.attrs["settings"] = settings
     return frame
 
 
