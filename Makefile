@@ -41,8 +41,8 @@ test-gpu: install ## GPU tests (run on the GPU machine; real Triton, no interpre
 
 bench: install ## benchmarks -> results/bench/: on a GPU decode grid + transformers rows, CLI latency, batched run; on CPU engine vs HF generate
 	if $(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
-		$(PY) -m retrobench.bench_decode $(ARGS) && $(PY) -m retrobench.bench_cli && $(PY) -m retrobench.bench_batch; \
-		else $(PY) -m retrobench.bench $(ARGS); fi
+		$(PY) -m retrobench bench decode $(ARGS) && $(PY) -m retrobench bench cli && $(PY) -m retrobench bench batch; \
+		else $(PY) -m retrobench bench engine $(ARGS); fi
 
 # ---- the GPU machine without a registry: its image's python3, the wheels carried in .whl/ ----------
 # (build them here with ../shared/tools/gpu-wheels; carry .whl with the device call)
@@ -59,17 +59,17 @@ gpu-test: ## GPU machine (after gpu-install): pytest -m gpu, log in results/benc
 	set -o pipefail; $(GPU_ENV) python3 -m pytest -m gpu -q -p no:cacheprovider $(ARGS) 2>&1 | tee -a results/bench/gpu-tests.log
 
 gpu-bench: ## GPU machine (after gpu-install): make bench's three benchmarks (decode grid, CLI latency, batched run)
-	$(GPU_ENV) python3 -m retrobench.bench_decode $(ARGS) && $(GPU_ENV) python3 -m retrobench.bench_cli \
-		&& $(GPU_ENV) python3 -m retrobench.bench_batch
+	$(GPU_ENV) python3 -m retrobench bench decode $(ARGS) && $(GPU_ENV) python3 -m retrobench bench cli \
+		&& $(GPU_ENV) python3 -m retrobench bench batch
 
-gpu-decode: ## GPU machine (after gpu-install): python -m retrobench.bench_decode -> results/bench/decode.{csv,md}
-	$(GPU_ENV) python3 -m retrobench.bench_decode $(ARGS)
+gpu-decode: ## GPU machine (after gpu-install): python -m retrobench bench decode -> results/bench/decode.{csv,md}
+	$(GPU_ENV) python3 -m retrobench bench decode $(ARGS)
 
 gpu-latency: ## GPU machine (after gpu-install): experiment=latency per method and backend -> results/bench/latency_cli.*
-	$(GPU_ENV) python3 -m retrobench.bench_cli $(ARGS)
+	$(GPU_ENV) python3 -m retrobench bench cli $(ARGS)
 
 gpu-batch: ## GPU machine (after gpu-install): a batched generation run vs batch 1 -> results/bench/batch.*
-	$(GPU_ENV) python3 -m retrobench.bench_batch $(ARGS)
+	$(GPU_ENV) python3 -m retrobench bench batch $(ARGS)
 
 notebooks: install ## open notebooks/ in Jupyter (installs the [notebooks] extra: jupyter) over results/
 	$(PY) -m pip install -q -e ".[notebooks]"
@@ -79,7 +79,7 @@ clean: ## remove caches (keeps .venv and results/)
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 	rm -rf .pytest_cache .hypothesis
 
-# ---- reproducing the paper (conf/reproduce.yaml; retrobench/reproduce.py) ----
+# ---- reproducing the paper (conf/reproduce.yaml; retrobench/drivers/reproduce.py) ----
 PROFILE ?=
 ONLY ?=
 .PHONY: reproduce reproduce-plan

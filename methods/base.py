@@ -38,15 +38,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from retrobench.conf import ConfigError  # noqa: F401 - the one config error; methods raise it, callers import it here too
+
 if TYPE_CHECKING:  # the engine owns the cache and picks the ops; methods only call them
     from retrobench.engine.cache import PagedKVCache
     from retrobench.kernels.ops import Ops
 
 INT32_MAX = 2**31 - 1  # the current query's step: it sees every selected unit
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid. The message names the key and the allowed values."""
 
 
 @dataclass(frozen=True)

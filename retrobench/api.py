@@ -57,7 +57,8 @@ def make_method(method: str | Method = "retro", budget: int | float | None = Non
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from retrobench.cli import conf_dir, group_options
+    from retrobench.conf import conf_dir
+    from retrobench.runner.launch import group_options
 
     names = group_options("method")
     if method not in names:
@@ -122,8 +123,8 @@ def generate(
     One :class:`Output` per prompt, in order.
     """
     from retrobench.engine import Engine, Job, Sampling
-    from retrobench.models import eos_token_ids
-    from retrobench.modes import encode_prompt, sample_seed
+    from retrobench.inputs.models import eos_token_ids
+    from retrobench.runner.modes import encode_prompt, sample_seed
 
     items = [prompts] if isinstance(prompts, str) else list(prompts)
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:

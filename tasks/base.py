@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from retrobench.conf import ConfigError  # noqa: F401 - the one config error; tasks raise it
 
-class TaskConfigError(ValueError):
-    """A task setting is invalid. The message names the key and the allowed values."""
 
 
 class TextTokenizer(Protocol):
@@ -57,9 +56,9 @@ class Task:
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
-            raise TaskConfigError(f"task.num_samples must be an integer >= 1, got {self.num_samples!r}")
+            raise ConfigError(f"task.num_samples must be an integer >= 1, got {self.num_samples!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise TaskConfigError(f"task.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+            raise ConfigError(f"task.max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         self.stop = list(self.stop)
 
     def samples(self, tokenizer: TextTokenizer, seed: int) -> list[Sample]:

@@ -2,7 +2,7 @@
 
 Accuracy on a task says whether a method's answers are right; fidelity says *why* they drift. The
 fidelity task wraps any generating task (``source_task``, default LongGenBench) and uses its
-prompts. The run layer (:mod:`retrobench.modes`) generates the full-attention greedy output of
+prompts. The run layer (:mod:`retrobench.runner.modes`) generates the full-attention greedy output of
 each prompt once (cached in the result store), then teacher-forces the method along exactly those
 tokens with ``probe_every``-step probes of each sparse layer's attention against dense attention,
 and hands logits and probes to :meth:`FidelityTask.score_fidelity`. Forcing the same tokens keeps
@@ -21,7 +21,8 @@ from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from retrobench.tasks.base import Sample, Task, TaskConfigError, TextTokenizer
+from retrobench.conf import ConfigError
+from retrobench.tasks.base import Sample, Task, TextTokenizer
 
 NOT_WRAPPABLE = ("fidelity", "ppl")  # tasks that do not generate from a prompt
 
@@ -41,7 +42,7 @@ def load_task(name: str, overrides: Mapping[str, Any] | None = None) -> Task:
     folder = task_conf_dir()
     allowed = sorted(p.stem for p in folder.glob("*.yaml") if p.stem not in NOT_WRAPPABLE)
     if not isinstance(name, str) or name in NOT_WRAPPABLE or not (folder / f"{name}.yaml").is_file():
-        raise TaskConfigError(
+        raise ConfigError(
             f"task.source_task={name} is not a generating task; allowed: {', '.join(allowed)}"
         )
     data = OmegaConf.to_container(OmegaConf.load(folder / f"{name}.yaml"), resolve=True)
@@ -50,13 +51,13 @@ def load_task(name: str, overrides: Mapping[str, Any] | None = None) -> Task:
     known = {f.name for f in fields(target) if f.init} if is_dataclass(target) else set(data)
     for key in overrides or {}:
         if key not in known:
-            raise TaskConfigError(
+            raise ConfigError(
                 f"task.source_options.{key} is not a setting of task {name}; allowed: {', '.join(sorted(known))}"
             )
     try:
         return target(**{**data, **dict(overrides or {})})
-    except TaskConfigError as exc:  # name the key as the user sets it
-        raise TaskConfigError(str(exc).replace("task.", "task.source_options.")) from None
+    except ConfigError as exc:  # name the key as the user sets it
+        raise ConfigError(str(exc).replace("task.", "task.source_options.")) from None
 
 
 @dataclass
@@ -90,16 +91,16 @@ class FidelityTask(Task):
             or isinstance(self.probe_every, bool)
             or self.probe_every < 1
         ):
-            raise TaskConfigError(f"task.probe_every must be an integer >= 1, got {self.probe_every!r}")
+            raise ConfigError(f"task.probe_every must be an integer >= 1, got {self.probe_every!r}")
         if self.stop or self.chat_template:
-            raise TaskConfigError(
+            raise ConfigError(
                 "task.stop / task.chat_template of task=fidelity come from the wrapped task; "
                 "set them as task.source_options.stop / task.source_options.chat_template"
             )
         if self.source_options is None:
             self.source_options = {}
         if not isinstance(self.source_options, Mapping):
-            raise TaskConfigError(f"task.source_options must be a mapping, got {self.source_options!r}")
+            raise ConfigError(f"task.source_options must be a mapping, got {self.source_options!r}")
         self.source_options = dict(self.source_options)
         self.wrapped: Task = load_task(
             self.source_task, {"num_samples": self.num_samples, **self.source_options}
@@ -120,7 +121,7 @@ class FidelityTask(Task):
         return list(self.wrapped.samples(tokenizer, seed))[: self.num_samples]
 
     def score(self, sample: Sample, output: str) -> dict[str, float]:
-        raise TaskConfigError(
+        raise ConfigError(
             "task=fidelity is scored from logits and probes (score_fidelity), not from text"
         )
 
@@ -149,7 +150,7 @@ class FidelityTask(Task):
         """
         import torch
 
-        from retrobench.metrics import kl_per_position
+        from retrobench.store.metrics import kl_per_position
 
         ref = torch.as_tensor(list(ref_tokens), dtype=torch.long)
         n = int(ref.numel())

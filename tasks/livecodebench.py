@@ -33,7 +33,7 @@ import zlib
 from datetime import date, datetime
 from typing import Any
 
-from retrobench.tasks.base import TaskConfigError
+from retrobench.conf import ConfigError
 from retrobench.tasks.sandbox import Limits, TestCase, Verdict, grade
 
 HUB_ID = "livecodebench/code_generation_lite"
@@ -51,7 +51,7 @@ def decode_tests(raw: Any, where: str) -> list[dict[str, Any]]:
     if isinstance(raw, list):
         return raw
     if not isinstance(raw, str):
-        raise TaskConfigError(f"{where}: tests must be a JSON string or a list, got {type(raw).__name__}")
+        raise ConfigError(f"{where}: tests must be a JSON string or a list, got {type(raw).__name__}")
     if not raw.strip():
         return []
     try:
@@ -62,7 +62,7 @@ def decode_tests(raw: Any, where: str) -> list[dict[str, Any]]:
         data = _DataOnly(io.BytesIO(zlib.decompress(base64.b64decode(raw.encode("utf-8"))))).load()
         return json.loads(data)
     except Exception as exc:  # noqa: BLE001 - any malformed encoding ends in one line
-        raise TaskConfigError(f"{where}: neither JSON nor the compressed encoding ({type(exc).__name__})") from None
+        raise ConfigError(f"{where}: neither JSON nor the compressed encoding ({type(exc).__name__})") from None
 
 
 def parse_date(value: Any, where: str) -> date:
@@ -73,39 +73,39 @@ def parse_date(value: Any, where: str) -> date:
     try:
         return datetime.fromisoformat(str(value).replace("Z", "+00:00")).date()
     except ValueError:
-        raise TaskConfigError(f"{where}: {value!r} is not an ISO date (YYYY-MM-DD)") from None
+        raise ConfigError(f"{where}: {value!r} is not an ISO date (YYYY-MM-DD)") from None
 
 
 def parse_problem(row: Any, where: str) -> dict[str, Any]:
     """One problem row as the task uses it; a malformed row raises one line naming the row and field."""
     if not isinstance(row, dict):
-        raise TaskConfigError(f"{where}: a problem must be an object with {', '.join(FIELDS)}")
+        raise ConfigError(f"{where}: a problem must be an object with {', '.join(FIELDS)}")
     missing = [k for k in FIELDS if k not in row]
     if missing:
-        raise TaskConfigError(f"{where}: lacks the field(s) {', '.join(missing)}")
+        raise ConfigError(f"{where}: lacks the field(s) {', '.join(missing)}")
     qid = str(row["question_id"])
     tests: list[TestCase] = []
     kinds = set()
     for field in ("public_test_cases", "private_test_cases"):
         for i, case in enumerate(decode_tests(row[field], f"{where} ({qid}) field {field}")):
             if not isinstance(case, dict) or not {"input", "output"} <= set(case):
-                raise TaskConfigError(f"{where} ({qid}) field {field}[{i}]: a test needs input and output")
+                raise ConfigError(f"{where} ({qid}) field {field}[{i}]: a test needs input and output")
             kinds.add(case.get("testtype", "stdin"))
             tests.append(TestCase(str(case["input"]), str(case["output"])))
     if not tests:
-        raise TaskConfigError(f"{where} ({qid}) field public_test_cases: the problem has no tests")
+        raise ConfigError(f"{where} ({qid}) field public_test_cases: the problem has no tests")
     if len(kinds) > 1 or not kinds <= {"stdin", "functional"}:
-        raise TaskConfigError(f"{where} ({qid}) field testtype: {sorted(kinds)}; allowed: one of stdin, functional")
+        raise ConfigError(f"{where} ({qid}) field testtype: {sorted(kinds)}; allowed: one of stdin, functional")
     mode = kinds.pop()
     meta = row.get("metadata") or {}
     if isinstance(meta, str):
         try:
             meta = json.loads(meta) if meta.strip() else {}
         except json.JSONDecodeError:
-            raise TaskConfigError(f"{where} ({qid}) field metadata: not JSON") from None
+            raise ConfigError(f"{where} ({qid}) field metadata: not JSON") from None
     func = str(meta.get("func_name") or "")
     if mode == "functional" and not func:
-        raise TaskConfigError(f"{where} ({qid}) field metadata.func_name: needed by functional tests")
+        raise ConfigError(f"{where} ({qid}) field metadata.func_name: needed by functional tests")
     return {
         "id": qid, "question": str(row["question_content"]), "starter": str(row.get("starter_code") or ""),
         "mode": mode, "func_name": func, "tests": tests, "date": parse_date(row["contest_date"], f"{where} ({qid}) field contest_date"),

@@ -51,7 +51,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
-from retrobench.tasks.base import Sample, Task, TaskConfigError, TextTokenizer
+from retrobench.conf import ConfigError
+from retrobench.tasks.base import Sample, Task, TextTokenizer
 from retrobench.tasks.longgenbench_data import (
     HUB,
     Item,
@@ -108,7 +109,7 @@ class LongGenBenchTask(Task):
     def __post_init__(self) -> None:
         for key, allowed in (("dataset", DATASETS), ("source", SOURCES)):
             if getattr(self, key) not in allowed:
-                raise TaskConfigError(
+                raise ConfigError(
                     f"task.{key}={getattr(self, key)!r} is not supported; allowed: {', '.join(allowed)}"
                 )
         for key in ("num_questions", "tokens_per_question", "num_shots"):
@@ -117,16 +118,16 @@ class LongGenBenchTask(Task):
                 value = self.num_shots = DEFAULT_SHOTS[self.dataset]
             low = 0 if key == "num_shots" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise TaskConfigError(f"task.{key} must be an integer >= {low}, got {value!r}")
+                raise ConfigError(f"task.{key} must be an integer >= {low}, got {value!r}")
         if self.max_new_tokens is None:
             self.max_new_tokens = self.tokens_per_question * self.num_questions
         super().__post_init__()
         if self.source == "local" and not self.path:
-            raise TaskConfigError(
+            raise ConfigError(
                 "task.path is required with task.source=local (JSONL rows {prompt, questions, answers})"
             )
         if self.source == "local" and not Path(str(self.path)).expanduser().is_file():
-            raise TaskConfigError(f"task.path={self.path} is not a file (task.source=local)")
+            raise ConfigError(f"task.path={self.path} is not a file (task.source=local)")
 
     # ---- samples -----------------------------------------------------------------------------
 
@@ -173,19 +174,19 @@ class LongGenBenchTask(Task):
         if ds == "mmlu":  # one subject per prompt, exemplars from that subject's dev split (official)
             subjects = sorted(s for s, c in Counter(s for _, s in questions).items() if c >= n)
             if not subjects:
-                raise TaskConfigError(f"task.num_questions={n}: no MMLU subject has that many test questions")
+                raise ConfigError(f"task.num_questions={n}: no MMLU subject has that many test questions")
             rng.shuffle(subjects)
             out = []
             for i in range(self.num_samples):
                 subject = subjects[i % len(subjects)]
                 pool = [q for q, s in shots if s == subject]
                 if len(pool) < k:
-                    raise TaskConfigError(f"task.num_shots={k} exceeds the {len(pool)} dev rows of {subject}")
+                    raise ConfigError(f"task.num_shots={k} exceeds the {len(pool)} dev rows of {subject}")
                 chosen = rng.sample([q for q, s in questions if s == subject], n)
                 out.append((subject.replace("_", " "), rng.sample(pool, k), chosen))
             return out
         if self.num_samples * n > len(questions) or k > len(shots):
-            raise TaskConfigError(
+            raise ConfigError(
                 f"task.num_samples x task.num_questions = {self.num_samples * n} (or task.num_shots={k}) "
                 f"exceeds the {len(questions)} questions ({len(shots)} exemplars) of {hub_id}"
             )
@@ -203,18 +204,18 @@ class LongGenBenchTask(Task):
             try:
                 row = json.loads(line) if line.strip() else None
             except json.JSONDecodeError:
-                raise TaskConfigError(f"task.path={path}: line {lineno} is not JSON") from None
+                raise ConfigError(f"task.path={path}: line {lineno} is not JSON") from None
             if row is None:
                 continue
             if not isinstance(row, dict) or any(k not in row for k in ("prompt", "questions", "answers")):
-                raise TaskConfigError(f"task.path={path}: line {lineno} lacks prompt, questions or answers")
+                raise ConfigError(f"task.path={path}: line {lineno} lacks prompt, questions or answers")
             if min(len(row["questions"]), len(row["answers"])) < n:
-                raise TaskConfigError(
+                raise ConfigError(
                     f"task.num_questions={n} exceeds the questions on line {lineno} of {path}"
                 )
             rows.append((lineno, row))
         if len(rows) < self.num_samples:
-            raise TaskConfigError(f"task.num_samples={self.num_samples} exceeds the {len(rows)} rows")
+            raise ConfigError(f"task.num_samples={self.num_samples} exceeds the {len(rows)} rows")
         out = []
         for lineno, row in random.Random(f"longgenbench/local/{seed}").sample(rows, self.num_samples):
             prompt = str(row["prompt"]).rstrip()

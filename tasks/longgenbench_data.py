@@ -20,7 +20,7 @@ import random
 import re
 from typing import Any, Callable, NamedTuple
 
-from retrobench.tasks.base import TaskConfigError
+from retrobench.conf import ConfigError
 
 HUB = {  # dataset -> (hub id, config, question split, exemplar split)
     "gsm8k": ("openai/gsm8k", "main", "test", "train"),
@@ -170,7 +170,7 @@ def distinct_items(
             items.append(item)
     if len(items) == n:
         return items
-    raise TaskConfigError(f"task.num_questions={n}: the synthetic generator has too few distinct questions")
+    raise ConfigError(f"task.num_questions={n}: the synthetic generator has too few distinct questions")
 
 
 # ---- the hub ------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def load_hub_split(dataset: str, split: str) -> list[dict[str, Any]]:
 
     Raises
     ------
-    TaskConfigError
+    ConfigError
         One line naming the dataset id and the local alternative, when ``datasets`` is missing or
         the hub is unreachable (offline, ``HF_DATASETS_OFFLINE=1`` without a cached copy, ...).
     """
@@ -208,14 +208,14 @@ def load_hub_split(dataset: str, split: str) -> list[dict[str, Any]]:
     try:
         import datasets
     except ImportError:
-        raise TaskConfigError(
+        raise ConfigError(
             "task.source=hub needs the datasets package (pip install datasets), or use synthetic / local"
         ) from None
     try:
         return [dict(r) for r in datasets.load_dataset(hub_id, config, split=split)]
     except Exception as exc:  # offline, network, cache or split errors: all one line
         why = " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
-        raise TaskConfigError(
+        raise ConfigError(
             f"task.source=hub could not load {hub_id}{f' ({config})' if config else ''} split {split} "
             f"through datasets ({why}); the hub is unreachable or HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set: "
             "download it once online, or set task.source=local task.path=<JSONL of rows {prompt, questions, "

@@ -2,7 +2,7 @@
 
 The paper's Figure 1b measures how a sparse-attention method's language-modelling quality decays
 with the number of generated tokens. This task reproduces it without sampling: the run layer
-(:mod:`retrobench.modes`) prefills ``context_tokens`` of a text, then *teacher-forces* the next
+(:mod:`retrobench.runner.modes`) prefills ``context_tokens`` of a text, then *teacher-forces* the next
 ``eval_tokens`` tokens through the method's decode loop (one decode step per token, exactly as in
 generation), and hands the per-token NLL to :meth:`PerplexityTask.score_nll`. NLL is reported per
 position bucket of ``bucket_tokens`` generated tokens, and as a ratio to the full-attention NLL
@@ -11,7 +11,7 @@ of the same tokens (computed once per sample and cached in the result store by t
 The task never touches the engine: it only builds token windows and does arithmetic on the NLL.
 
 Sources (``task.source``):
-    stdlib: the standard library's docstrings (:mod:`retrobench.texts`), on every machine, offline.
+    stdlib: the standard library's docstrings (:mod:`retrobench.inputs.texts`), on every machine, offline.
     file:   any local UTF-8 text file (``task.path``).
     pg19:   PG-19's test split (``deepmind/pg19`` through ``datasets``), one window per book.
 Samples of ``stdlib`` and ``file`` are consecutive, non-overlapping windows from the start of the
@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from retrobench.tasks.base import Sample, Task, TaskConfigError, TextTokenizer
+from retrobench.conf import ConfigError
+from retrobench.tasks.base import Sample, Task, TextTokenizer
 
 SOURCES = ("stdlib", "file", "pg19")
 PG19 = "deepmind/pg19"
@@ -65,26 +66,26 @@ class PerplexityTask(Task):
         for key in ("context_tokens", "eval_tokens", "bucket_tokens"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise TaskConfigError(f"task.{key} must be an integer >= 1, got {value!r}")
+                raise ConfigError(f"task.{key} must be an integer >= 1, got {value!r}")
         if not isinstance(self.first_window, int) or isinstance(self.first_window, bool) or self.first_window < 0:
-            raise TaskConfigError(f"task.first_window must be an integer >= 0, got {self.first_window!r}")
+            raise ConfigError(f"task.first_window must be an integer >= 0, got {self.first_window!r}")
         self.max_new_tokens = self.eval_tokens  # what the context check and the engine see
         super().__post_init__()
         if self.source not in SOURCES:
-            raise TaskConfigError(
+            raise ConfigError(
                 f"task.source={self.source!r} is not supported; allowed: {', '.join(SOURCES)}"
             )
         if self.stop:
-            raise TaskConfigError(
+            raise ConfigError(
                 "task.stop is not used by task=ppl (teacher forcing never stops); allowed: []"
             )
         if self.chat_template:
-            raise TaskConfigError("task.chat_template=true is not supported by task=ppl (it scores raw text)")
+            raise ConfigError("task.chat_template=true is not supported by task=ppl (it scores raw text)")
         if self.source == "file":
             if not self.path:
-                raise TaskConfigError("task.source=file needs task.path=<a UTF-8 text file>")
+                raise ConfigError("task.source=file needs task.path=<a UTF-8 text file>")
             if not Path(self.path).is_file():
-                raise TaskConfigError(f"task.path={self.path} is not a file (task.source=file)")
+                raise ConfigError(f"task.path={self.path} is not a file (task.source=file)")
 
     # ---- samples -----------------------------------------------------------------------------
 
@@ -98,7 +99,7 @@ class PerplexityTask(Task):
         prefix = _special_prefix(tokenizer)
         text_len = self.context_tokens - len(prefix)
         if text_len < 1:
-            raise TaskConfigError(
+            raise ConfigError(
                 f"task.context_tokens={self.context_tokens} leaves no text after the tokenizer's "
                 f"{len(prefix)} prefix token(s); raise task.context_tokens"
             )
@@ -127,18 +128,18 @@ class PerplexityTask(Task):
 
     def _stream_tokens(self, tokenizer: TextTokenizer, n: int) -> list[int]:
         if self.source == "stdlib":
-            from retrobench.texts import stdlib_tokens
+            from retrobench.inputs.texts import stdlib_tokens
 
             try:
                 return list(stdlib_tokens(tokenizer, n))
             except ValueError as exc:
-                raise TaskConfigError(
+                raise ConfigError(
                     f"task.source=stdlib: {exc}; lower task.num_samples or the lengths"
                 ) from None
         text = Path(str(self.path)).read_text(encoding="utf-8", errors="replace")
         ids = _head_tokens(tokenizer, text, n)
         if ids is None:
-            raise TaskConfigError(
+            raise ConfigError(
                 f"task.path={self.path} has only {len(tokenizer.encode(text, add_special_tokens=False))} tokens; "
                 f"{n} needed ((first_window + num_samples) x (context_tokens + eval_tokens)); lower them or use a longer file"
             )
@@ -150,7 +151,7 @@ class PerplexityTask(Task):
         try:
             import datasets
         except ImportError:
-            raise TaskConfigError(
+            raise ConfigError(
                 f"task.source=pg19 loads {PG19} through the `datasets` package, which is not installed; {hint}"
             ) from None
         windows: list[tuple[str, list[int]]] = []
@@ -169,11 +170,11 @@ class PerplexityTask(Task):
                     break
         except Exception as exc:  # noqa: BLE001 - offline, missing dataset, broken cache: one line
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise TaskConfigError(
+            raise ConfigError(
                 f"task.source=pg19 could not load the dataset {PG19} (test split): {reason}; {hint}"
             ) from None
         if len(windows) < self.first_window + self.num_samples:
-            raise TaskConfigError(
+            raise ConfigError(
                 f"task.source=pg19: only {len(windows)} test books have {width} tokens; "
                 "lower task.num_samples or task.first_window"
             )
@@ -218,7 +219,7 @@ class PerplexityTask(Task):
         return out
 
     def score(self, sample: Sample, output: str) -> dict[str, float]:
-        raise TaskConfigError(
+        raise ConfigError(
             "task=ppl is scored from teacher-forced NLL (score_nll), not from generated text"
         )
 

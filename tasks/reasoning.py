@@ -56,7 +56,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from retrobench.tasks import livecodebench as lcb
-from retrobench.tasks.base import Sample, Task, TaskConfigError, TextTokenizer
+from retrobench.conf import ConfigError
+from retrobench.tasks.base import Sample, Task, TextTokenizer
 from retrobench.tasks.graders import (
     extract_boxed,
     extract_choice,
@@ -134,36 +135,36 @@ class ReasoningTask(Task):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.benchmark not in BENCHMARKS:
-            raise TaskConfigError(
+            raise ConfigError(
                 f"task.benchmark={self.benchmark!r} is not supported; allowed: {', '.join(BENCHMARKS)}"
             )
         if not _is_int(self.samples_per_question) or self.samples_per_question < 1:
-            raise TaskConfigError(
+            raise ConfigError(
                 f"task.samples_per_question must be an integer >= 1, got {self.samples_per_question!r}"
             )
         if self.num_questions is not None and (not _is_int(self.num_questions) or self.num_questions < 1):
-            raise TaskConfigError(
+            raise ConfigError(
                 f"task.num_questions must be null (all) or an integer >= 1, got {self.num_questions!r}"
             )
         if self.source not in SOURCES:
-            raise TaskConfigError(
+            raise ConfigError(
                 f"task.source={self.source!r} is not supported; allowed: {', '.join(SOURCES)}"
             )
         if self.source == "local" and not self.path:
-            raise TaskConfigError("task.path must name a JSONL file when task.source=local")
+            raise ConfigError("task.path must name a JSONL file when task.source=local")
         if self.source == "hub" and self.path:
-            raise TaskConfigError(f"task.path={self.path!r} is only used with task.source=local")
+            raise ConfigError(f"task.path={self.path!r} is only used with task.source=local")
         if not isinstance(self.chat_template, bool):
-            raise TaskConfigError(f"task.chat_template must be true or false, got {self.chat_template!r}")
+            raise ConfigError(f"task.chat_template must be true or false, got {self.chat_template!r}")
         if self.math_grader not in MATH_GRADERS:
-            raise TaskConfigError(f"task.math_grader={self.math_grader!r} is not a grader; allowed: {', '.join(MATH_GRADERS)}")
+            raise ConfigError(f"task.math_grader={self.math_grader!r} is not a grader; allowed: {', '.join(MATH_GRADERS)}")
         if self.math_grader == "math_verify" and importlib.util.find_spec("math_verify") is None:
-            raise TaskConfigError("task.math_grader=math_verify needs the math-verify package: pip install "
+            raise ConfigError("task.math_grader=math_verify needs the math-verify package: pip install "
                                   "math-verify, or task.math_grader=retrobench")  # fmt: skip
         for key in ("test_timeout_s", "problem_timeout_s", "memory_mb"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise TaskConfigError(f"task.{key} must be a number > 0, got {value!r}")
+                raise ConfigError(f"task.{key} must be a number > 0, got {value!r}")
         for key in ("start_date", "end_date"):
             if getattr(self, key) is not None:
                 lcb.parse_date(getattr(self, key), f"task.{key}")
@@ -194,7 +195,7 @@ class ReasoningTask(Task):
             return self._code_problems()
         rows = self._load_hub() if self.source == "hub" else self._load_local()
         if not rows:
-            raise TaskConfigError(
+            raise ConfigError(
                 f"task.benchmark={self.benchmark}: the {self.source} source has no questions"
             )
         return rows
@@ -206,13 +207,13 @@ class ReasoningTask(Task):
             try:
                 import datasets  # noqa: F401
             except ImportError:
-                raise TaskConfigError(f"task.source=hub needs the `datasets` package to load {where}: pip install "
+                raise ConfigError(f"task.source=hub needs the `datasets` package to load {where}: pip install "
                                       "datasets, or use task.source=local task.path=<problems.jsonl>") from None  # fmt: skip
             try:
                 rows = lcb.load_hub(self.version_tag)
             except Exception as exc:  # noqa: BLE001 - offline, renamed, script refused: one line
                 offline = " (offline: HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set)" if _offline() else ""
-                raise TaskConfigError(
+                raise ConfigError(
                     f"task.source=hub could not load {where}{offline}: {type(exc).__name__}: {_one_line(exc, 160)}; "
                     "download it once with network access, or use task.source=local task.path=<problems.jsonl>"
                 ) from None
@@ -220,7 +221,7 @@ class ReasoningTask(Task):
         else:
             path = Path(str(self.path)).expanduser()
             if not path.is_file():
-                raise TaskConfigError(f"task.path={str(self.path)!r} is not a file (task.source=local needs a JSONL file)")
+                raise ConfigError(f"task.path={str(self.path)!r} is not a file (task.source=local needs a JSONL file)")
             problems = []
             for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if line.strip():
@@ -228,12 +229,12 @@ class ReasoningTask(Task):
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as exc:
-                        raise TaskConfigError(f"{where} is not JSON ({exc.msg})") from None
+                        raise ConfigError(f"{where} is not JSON ({exc.msg})") from None
                     problems.append(lcb.parse_problem(row, where))
         problems = lcb.in_window(problems, self.start_date, self.end_date)
         self._problems = {p["id"]: p for p in problems}
         if len(self._problems) != len(problems):
-            raise TaskConfigError(f"task.benchmark=livecodebench ({self.source}): duplicate question_id")
+            raise ConfigError(f"task.benchmark=livecodebench ({self.source}): duplicate question_id")
         return problems
 
     def _load_hub(self) -> list[dict[str, Any]]:
@@ -244,7 +245,7 @@ class ReasoningTask(Task):
         try:
             import datasets
         except ImportError:
-            raise TaskConfigError(
+            raise ConfigError(
                 f"task.source=hub needs the `datasets` package to load {where}: "
                 f"pip install datasets, {fallback}"
             ) from None
@@ -253,7 +254,7 @@ class ReasoningTask(Task):
         except Exception as exc:  # noqa: BLE001 - offline, gated, renamed: all end in the same advice
             offline = " (offline: HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set)" if _offline() else ""
             gated = " it is gated: accept its terms on huggingface.co and log in;" if "gpqa" in hub_id else ""
-            raise TaskConfigError(
+            raise ConfigError(
                 f"task.source=hub could not load {where}{offline}: "
                 f"{type(exc).__name__}: {_one_line(exc, 160)};{gated} "
                 f"download it once with network access, {fallback}"
@@ -272,7 +273,7 @@ class ReasoningTask(Task):
     def _load_local(self) -> list[dict[str, Any]]:
         path = Path(str(self.path)).expanduser()
         if not path.is_file():
-            raise TaskConfigError(
+            raise ConfigError(
                 f"task.path={str(self.path)!r} is not a file (task.source=local needs a JSONL file)"
             )
         out, seen = [], set()
@@ -283,7 +284,7 @@ class ReasoningTask(Task):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise TaskConfigError(f"{where} is not JSON ({exc.msg})") from None
+                raise ConfigError(f"{where} is not JSON ({exc.msg})") from None
             needed = (
                 ("question", "answer", "choices")
                 if self.benchmark == "gpqa_diamond"
@@ -291,7 +292,7 @@ class ReasoningTask(Task):
             )
             missing = [k for k in needed if not isinstance(row, dict) or k not in row]
             if missing:
-                raise TaskConfigError(
+                raise ConfigError(
                     f"{where} lacks the field(s) {', '.join(missing)} (needs: {', '.join(needed)})"
                 )
             item = {
@@ -299,7 +300,7 @@ class ReasoningTask(Task):
                 "question": str(row["question"]),
             }
             if item["id"] in seen:
-                raise TaskConfigError(f"{where}: duplicate id {item['id']!r}")
+                raise ConfigError(f"{where}: duplicate id {item['id']!r}")
             seen.add(item["id"])
             if self.benchmark == "gpqa_diamond":
                 item.update(_local_choices(row, where))
@@ -315,7 +316,7 @@ class ReasoningTask(Task):
         rows = self.questions()
         if self.num_questions is not None:
             if self.num_questions > len(rows):
-                raise TaskConfigError(
+                raise ConfigError(
                     f"task.num_questions={self.num_questions} exceeds the {len(rows)} questions of "
                     f"{self.benchmark} ({self.source})"
                 )
@@ -408,13 +409,13 @@ def _local_choices(row: dict[str, Any], where: str) -> dict[str, Any]:
         or len(choices) != len(LETTERS)
         or len(set(map(str, choices))) != len(choices)
     ):
-        raise TaskConfigError(f"{where}: choices must be a list of {len(LETTERS)} distinct option texts")
+        raise ConfigError(f"{where}: choices must be a list of {len(LETTERS)} distinct option texts")
     choices = [str(c).strip() for c in choices]
     answer = str(row["answer"]).strip()
     if re.fullmatch(r"\(?[A-D]\)?", answer) and answer.strip("()") not in choices:
         answer = choices[LETTERS.index(answer.strip("()"))]
     if answer not in choices:
-        raise TaskConfigError(
+        raise ConfigError(
             f"{where}: answer {_one_line(answer, 60)!r} is neither an option's text nor its letter"
         )
     return {"choices": choices, "answer": answer}

@@ -22,7 +22,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
-from retrobench.tasks.base import Sample, Task, TaskConfigError, TextTokenizer
+from retrobench.conf import ConfigError
+from retrobench.tasks.base import Sample, Task, TextTokenizer
 
 KINDS = ("retrieval", "copy")
 WORDS_PER_LINE = 8  # copy passage line width
@@ -70,13 +71,13 @@ class SyntheticTask(Task):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.kind not in KINDS:
-            raise TaskConfigError(f"task.kind={self.kind!r} is not supported; allowed: {', '.join(KINDS)}")
+            raise ConfigError(f"task.kind={self.kind!r} is not supported; allowed: {', '.join(KINDS)}")
         if not isinstance(self.context_tokens, int) or self.context_tokens < 16:
-            raise TaskConfigError(
+            raise ConfigError(
                 f"task.context_tokens must be an integer >= 16, got {self.context_tokens!r}"
             )
         if not isinstance(self.num_queries, int) or self.num_queries < 1:
-            raise TaskConfigError(f"task.num_queries must be an integer >= 1, got {self.num_queries!r}")
+            raise ConfigError(f"task.num_queries must be an integer >= 1, got {self.num_queries!r}")
 
     # ---- samples -----------------------------------------------------------------------------
 
@@ -231,7 +232,7 @@ def _sample_seed(seed: int, index: int, salt: str = "") -> str:
 def _extend_pairs(lines: list[tuple[str, str]], rng: random.Random, n: int) -> None:
     """Grow ``lines`` to ``n`` ``(key, value)`` pairs with distinct keys."""
     if n > KEY_RANGE[1] - KEY_RANGE[0]:
-        raise TaskConfigError(f"task.context_tokens is too large: more than {n - 1} key lines needed")
+        raise ConfigError(f"task.context_tokens is too large: more than {n - 1} key lines needed")
     used = {k for k, _ in lines}
     while len(lines) < n:
         key = str(rng.randrange(*KEY_RANGE))
@@ -255,11 +256,11 @@ def _fit_length(
     """Smallest count ``n >= minimum`` of units (lines or words) whose prompt encodes to ``>= target``
     tokens, found by bisection (prompt length grows with ``n``).
 
-    Raises TaskConfigError when even ``minimum`` lines overshoot the target by more than 10%.
+    Raises ConfigError when even ``minimum`` lines overshoot the target by more than 10%.
     """
     if _length(tokenizer, prompt_for(minimum)) >= target:
         if _length(tokenizer, prompt_for(minimum)) > 1.1 * target:
-            raise TaskConfigError(
+            raise ConfigError(
                 f"task.context_tokens={target} is too small for the instructions and {minimum} {unit}(s) "
                 f"({_length(tokenizer, prompt_for(minimum))} tokens); raise task.context_tokens"
                 + (" or lower task.num_queries" if unit == "line" else "")

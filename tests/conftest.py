@@ -32,7 +32,7 @@ def model_conf(name: str):
 @pytest.fixture(scope="session")
 def tiny_random():
     """``(model, ByteTokenizer)`` of ``conf/model/tiny_random.yaml``: fp32, CPU, eval mode."""
-    from retrobench.models import load_model
+    from retrobench.inputs.models import load_model
 
     return load_model(model_conf("tiny_random"), device="cpu", dtype="float32")
 
@@ -40,7 +40,7 @@ def tiny_random():
 @pytest.fixture(scope="session")
 def smollm2():
     """``(model, tokenizer)`` of SmolLM2-135M-Instruct from ``conf/model/smollm2_135m.yaml`` (~20 s)."""
-    from retrobench.models import load_model
+    from retrobench.inputs.models import load_model
 
     return load_model(model_conf("smollm2_135m"), device="cpu", dtype="float32")
 

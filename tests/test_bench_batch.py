@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from retrobench import bench_batch
+from retrobench.drivers import bench_batch
 
 
 def test_bench_batch_writes_both_rows_with_equal_outputs(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 
 def test_bench_decode_smoke_writes_rows(tmp_path: Path) -> None:
-    from retrobench.bench_decode import main
+    from retrobench.drivers.bench_decode import main
 
     assert main(["--smoke", "--iters", "2", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "decode_smoke.csv").open()))
@@ -31,7 +31,7 @@ def test_bench_decode_smoke_writes_rows(tmp_path: Path) -> None:
 
 
 def test_profile_kinds_and_cpu_refusal(capsys) -> None:
-    from retrobench import bench_profile
+    from retrobench.drivers import bench_profile
 
     kinds = {name: bench_profile.kind_of(name) for name in (
         "_sparse_paged_attention_kernel", "nvjet_hsh_64x8_64x16_2x1_v_bz_splitK_TNT", "triton_red_fused_add_mean_pow_0",

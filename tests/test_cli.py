@@ -222,7 +222,8 @@ def test_one_key_budgets_are_the_same_run_as_both_keys() -> None:
     the run hash) of spelling both keys."""
     from hydra import compose, initialize_config_dir
 
-    from retrobench import cli, results
+    from retrobench import cli
+    from retrobench.store import results
 
     def run_hash(overrides: list[str]) -> str:
         prepared, error = cli.prepare_run(["model=tiny_random", "method=quest", *overrides])
@@ -267,6 +268,24 @@ def test_list_help_and_hydra_flags(tmp_path: Path) -> None:
     assert job.returncode == 0, job.stderr
     assert "tiny_random" in job.stdout and "num_samples: 2" in job.stdout
     assert rb(tmp_path, "nope").returncode == 2
+
+
+def test_one_cli_runs_every_driver(tmp_path: Path) -> None:
+    """``reproduce``, ``bench`` and ``study`` are subcommands of the one CLI (the ``python -m
+    retrobench.<driver>`` spellings stay as aliases); each hands its arguments to the driver."""
+    usage = rb(tmp_path, "--help").stdout
+    for command in ("run", "list", "report", "reproduce", "bench", "study"):
+        assert f"\n  {command} " in usage, command
+    plan = rb(tmp_path, "reproduce", "--dry-run", "--profile", "tiny", "--results-dir", str(tmp_path / "r"))
+    assert plan.returncode == 0, plan.stderr
+    bench = rb(tmp_path, "bench", "--help")
+    assert bench.returncode == 0 and all(k in bench.stdout for k in ("decode", "engine", "cli", "batch", "grader"))
+    decode = rb(tmp_path, "bench", "decode", "--help")
+    assert decode.returncode == 0 and "--smoke" in decode.stdout
+    study = rb(tmp_path, "study", "--help")
+    assert study.returncode == 0 and all(s in study.stdout for s in ("mass", "retro", "table"))
+    wrong = rb(tmp_path, "bench", "nope")
+    assert wrong.returncode == 2 and "allowed: decode, engine, cli, batch, grader" in wrong.stderr
 
 
 @pytest.mark.slow

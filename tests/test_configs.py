@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from retrobench.cli import GROUPS, conf_dir
-from retrobench.run import validate
+from retrobench.runner.run import validate
 
 CONF = conf_dir()
 BASE = ["model=tiny_random", "logger=none"]
@@ -54,7 +54,7 @@ def test_config_composes(group: str, name: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", _names("model"))
 def test_model_config_keys(name: str) -> None:
-    from retrobench.models import SOURCES
+    from retrobench.inputs.models import SOURCES
 
     cfg = _compose([f"model={name}"])
     assert cfg.model.name == name
@@ -63,7 +63,7 @@ def test_model_config_keys(name: str) -> None:
 
 
 def test_tiny_random_is_available() -> None:
-    from retrobench.models import check_model_available
+    from retrobench.inputs.models import check_model_available
 
     check_model_available(_compose(BASE).model)
 
@@ -89,7 +89,7 @@ def test_experiment_validates(name: str, tmp_path: Path) -> None:
     """Every experiment validates; those of `make reproduce` (conf/reproduce.yaml) as the first job of
     their grid under the ``tiny`` profile (tiny_random, offline data): the paper's hub models and
     hub data are never needed by a test. tests/test_experiments.py runs each one end to end."""
-    from retrobench import reproduce
+    from retrobench.drivers import reproduce
 
     listed = [e for e in reproduce.entries("tiny") if e.experiment == name]
     if not listed:

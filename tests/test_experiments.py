@@ -1,4 +1,4 @@
-"""The paper's experiments, their grids and ``make reproduce`` (``retrobench/reproduce.py``).
+"""The paper's experiments, their grids and ``make reproduce`` (``retrobench/drivers/reproduce.py``).
 
 - every entry of ``conf/reproduce.yaml`` names an experiment overlay and a grid that compose, and
   every experiment overlay is in the list (``smoke`` aside) with its command and paper numbers;
@@ -22,7 +22,7 @@ from conftest import kill_when
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from retrobench import reproduce
+from retrobench.drivers import reproduce
 from retrobench.cli import conf_dir
 
 CONF = conf_dir()
@@ -118,8 +118,8 @@ def _tiny_job(name: str, results_dir: Path) -> list[str]:
 @pytest.mark.parametrize("name", NAMES)
 def test_experiment_runs_end_to_end_on_tiny_random(name: str, tmp_path: Path) -> None:
     """One job of each entry's grid (the tiny profile: tiny_random, offline data, short lengths)."""
-    from retrobench import results
-    from retrobench.run import execute
+    from retrobench.store import results
+    from retrobench.runner.run import execute
 
     reproduce.write_offline_data(tmp_path / reproduce.OFFLINE_FOLDER)
     cfg = _compose(_tiny_job(name, tmp_path))
@@ -135,7 +135,7 @@ def test_planner_folders_equal_full_composition(profile: str, tmp_path: Path) ->
     """The planner's shared compositions give the folders composing each job in full gives."""
     from hydra import compose, initialize_config_dir
 
-    from retrobench import results
+    from retrobench.store import results
 
     res = str(tmp_path / "res")
     for entry in reproduce.entries(profile, None):
@@ -320,7 +320,7 @@ def test_joblib_launcher_runs_two_jobs_in_two_workers(tmp_path: Path) -> None:
 
 
 def test_launcher_configs_compose() -> None:
-    import retrobench.gpus  # noqa: F401 - registers ${retrobench_gpus:} (as `python -m retrobench run` does)
+    import retrobench.runner.gpus  # noqa: F401 - registers ${retrobench_gpus:} (as `python -m retrobench run` does)
 
     joblib = _compose(["hydra/launcher=local_gpus"], hydra=True).hydra.launcher
     assert joblib._target_.endswith("JoblibLauncher") and int(joblib.n_jobs) >= 1  # ${retrobench_gpus:}

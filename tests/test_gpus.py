@@ -1,4 +1,4 @@
-"""The per-job GPU pool (``retrobench/gpus.py``): when it applies, and that two processes never hold
+"""The per-job GPU pool (``retrobench/runner/gpus.py``): when it applies, and that two processes never hold
 the same GPU at once (file locks, exercised on CPU with fake GPU counts); a real 2-job joblib run
 on CUDA is the ``gpu`` test at the end."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from retrobench import gpus
+from retrobench.runner import gpus
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,7 @@ HOLD = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from retrobench import gpus
+    from retrobench.runner import gpus
     folder, count, out = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     with gpus.claim(count, folder, poll_s=0.05) as index:
         start = time.time()
@@ -91,7 +91,7 @@ def test_concurrent_jobs_never_share_a_gpu(tmp_path: Path) -> None:
 
 def test_lock_of_a_killed_process_is_released(tmp_path: Path) -> None:
     code = (
-        "import sys, time\nfrom pathlib import Path\nfrom retrobench import gpus\n"
+        "import sys, time\nfrom pathlib import Path\nfrom retrobench.runner import gpus\n"
         "with gpus.claim(1, Path(sys.argv[1])):\n    print('held', flush=True)\n    time.sleep(60)\n"
     )
     proc = subprocess.Popen(

@@ -15,7 +15,8 @@ import pytest
 from conftest import run_cli
 
 from retrobench.tasks import livecodebench as lcb
-from retrobench.tasks.base import Sample, TaskConfigError
+from retrobench.conf import ConfigError
+from retrobench.tasks.base import Sample
 from retrobench.tasks.reasoning import ReasoningTask
 from retrobench.tasks.sandbox import Limits, TestCase, grade
 
@@ -218,7 +219,7 @@ def test_a_malformed_row_is_one_line_naming_row_and_field(tmp_path: Path, change
             row[key] = value
     path = tmp_path / "problems.jsonl"
     path.write_text(json.dumps(row) + "\n")
-    with pytest.raises(TaskConfigError, match=match) as info:
+    with pytest.raises(ConfigError, match=match) as info:
         ReasoningTask(benchmark="livecodebench", source="local", path=str(path)).questions()
     assert "\n" not in str(info.value)
 
@@ -229,7 +230,7 @@ def test_compressed_tests_cannot_carry_code() -> None:
             return (os.system, ("echo pwned > /tmp/rb-pwned",))
 
     payload = base64.b64encode(zlib.compress(pickle.dumps(Boom()))).decode()
-    with pytest.raises(TaskConfigError, match="compressed encoding"):
+    with pytest.raises(ConfigError, match="compressed encoding"):
         lcb.decode_tests(payload, "row 0 field private_test_cases")
     assert not Path("/tmp/rb-pwned").exists()
 
@@ -237,7 +238,7 @@ def test_compressed_tests_cannot_carry_code() -> None:
 def test_functional_problem_needs_a_function_name() -> None:
     row = _row("fn", "2024-09-01", functional=True)
     row["metadata"] = "{}"
-    with pytest.raises(TaskConfigError, match="metadata.func_name"):
+    with pytest.raises(ConfigError, match="metadata.func_name"):
         lcb.parse_problem(row, "row 3")
 
 
@@ -260,7 +261,7 @@ def test_end_to_end_run_on_tiny_random(tmp_path: Path) -> None:
 
 
 def test_bench_grader_writes_its_table(tmp_path: Path) -> None:
-    from retrobench import bench_grader
+    from retrobench.drivers import bench_grader
 
     assert bench_grader.main(["--problems", "3", "--tests", "2", "--workers", "2", "--out", str(tmp_path)]) == 0
     rows = (tmp_path / "grader.csv").read_text().splitlines()

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrobench.metrics import (
+from retrobench.store.metrics import (
     aggregate,
     agreement,
     bootstrap_ci,

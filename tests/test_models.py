@@ -1,4 +1,4 @@
-"""Model loading (retrobench.models): the random model, the byte tokenizer, pre-flight checks and
+"""Model loading (retrobench.inputs.models): the random model, the byte tokenizer, pre-flight checks and
 what the engine reads off a model (spec, end-of-sequence ids)."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import conf_dir, model_conf
 
-from retrobench.models import (
+from retrobench.inputs.models import (
     ByteTokenizer,
-    ModelConfigError,
+    ConfigError,
     check_model_available,
     eos_token_ids,
     load_model,
@@ -80,7 +80,7 @@ def test_byte_tokenizer_interface():
 
 
 def _one_line_error(cfg) -> str:
-    with pytest.raises(ModelConfigError) as info:
+    with pytest.raises(ConfigError) as info:
         check_model_available(cfg)
     message = str(info.value)
     assert "\n" not in message
@@ -113,7 +113,7 @@ def test_hub_configs_fail_cleanly_offline(monkeypatch):
         if cfg.source == "hub":
             try:
                 check_model_available(cfg)  # passes only if the model happens to be cached
-            except ModelConfigError as err:
+            except ConfigError as err:
                 assert f"model.hub_id={cfg.hub_id}" in str(err) and "\n" not in str(err)
 
 
@@ -121,7 +121,7 @@ def test_bad_local_path_and_bad_source():
     assert "model.path=/nonexistent/dir" in _one_line_error({"source": "hub", "path": "/nonexistent/dir"})
     message = _one_line_error({"source": "ftp"})
     assert "model.source" in message and "gguf_package, hub, random" in message
-    with pytest.raises(ModelConfigError, match="dtype"):
+    with pytest.raises(ConfigError, match="dtype"):
         resolve_dtype("float8")
 
 

@@ -1,6 +1,6 @@
 """The report: tables over a result store with known values, paper gaps, plots, CLI, notebooks, wandb.
 
-:func:`build_store` writes a small store the way ``retrobench.run`` does (real Hydra configs and
+:func:`build_store` writes a small store the way ``retrobench.runner.run`` does (real Hydra configs and
 run hashes, ``results.append_sample`` / ``results.write_json``, ``metrics.aggregate``) with
 synthetic per-sample scores chosen here, so every number the report prints can be checked
 against values computed independently from :data:`SPEC`. The committed fixture
@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+from retrobench.store import load_runs, load_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "results_small"
@@ -203,8 +205,8 @@ def build_store(root: Path) -> dict[str, str]:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from retrobench import results
-    from retrobench.metrics import aggregate
+    from retrobench.store import results
+    from retrobench.store.metrics import aggregate
 
     hashes, composed = {}, {}
     for run in _runs():
@@ -264,10 +266,8 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str
 
 @pytest.fixture(scope="module")
 def tables(store):
-    from retrobench import report
-
     root, _ = store
-    return report.runs_table(root), report.samples_table(root)
+    return load_runs(root), load_samples(root)
 
 
 def _acc(name: str, dataset: str, ns=(15,), seeds=(0,), budget=0.15) -> list[float]:
@@ -283,7 +283,7 @@ def _acc(name: str, dataset: str, ns=(15,), seeds=(0,), budget=0.15) -> list[flo
 
 
 def test_labels_name_the_settings_that_vary_within_a_task() -> None:
-    from retrobench.report.load import _labels
+    from retrobench.store.tables import label_runs
 
     rows = [
         {"method": "quest", "task": "longgenbench", "engine.temperature": 0.0, "budget_fraction": 0.15},
@@ -294,7 +294,7 @@ def test_labels_name_the_settings_that_vary_within_a_task() -> None:
         {"method": "retro", "task": "reasoning", "engine.temperature": 0.6, "window": 2, "base": "quest"},
         {"method": "retro", "task": "reasoning", "engine.temperature": 0.6, "window": 2, "base": "infllm"},
     ]
-    _labels(rows)
+    label_runs(rows)
     assert [r["label"] for r in rows] == [
         "quest", "quest", "quest", "quest(engine.page_size=16)", "quest(engine.page_size=32)",
         "retro(w=2, base=quest)", "retro(w=2, base=infllm)"]  # fmt: skip
@@ -332,7 +332,7 @@ def test_runs_and_samples_tables(store, tables) -> None:
 
 def test_summary_means_and_cis(tables) -> None:
     from retrobench import report
-    from retrobench.metrics import bootstrap_ci
+    from retrobench.store.metrics import bootstrap_ci
 
     _, samples = tables
     lgb = report.select(samples, {"task": "longgenbench", "budget_fraction": 0.15})
@@ -349,7 +349,7 @@ def test_summary_means_and_cis(tables) -> None:
 
 def test_paired_differences(tables) -> None:
     from retrobench import report
-    from retrobench.metrics import paired_difference
+    from retrobench.store.metrics import paired_difference
 
     _, samples = tables
     lgb = report.select(samples, {"task": "longgenbench", "budget_fraction": 0.15})
@@ -372,9 +372,25 @@ def test_paired_differences(tables) -> None:
     }
 
 
+def test_paper_numbers_are_data_with_a_source_each(tmp_path: Path) -> None:
+    """The paper's numbers live in ``report/paper_numbers.yaml`` (each naming its table in ``sources``);
+    one small reader turns them into :class:`PaperNumber` rows and names a bad field or source."""
+    import yaml
+
+    from retrobench.report.paper_numbers import DATA, PAPER_NUMBERS, load_paper_numbers
+
+    data = yaml.safe_load(DATA.read_text())
+    assert len(PAPER_NUMBERS) == len(data["numbers"]) and {e["source"] for e in data["numbers"]} <= set(data["sources"])
+    assert all(n.source.startswith(tuple(data["sources"].values())) for n in PAPER_NUMBERS)
+    bad = {**data, "numbers": [{**data["numbers"][0], "source": "nowhere"}]}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad, allow_unicode=True))
+    with pytest.raises(ValueError, match="source=nowhere is not a source; allowed: .*main"):
+        load_paper_numbers(tmp_path / "bad.yaml")
+
+
 def test_paper_table_gaps(tables) -> None:
     from retrobench import report
-    from retrobench.paper_numbers import PAPER_NUMBERS, by_key, main_table
+    from retrobench.report.paper_numbers import PAPER_NUMBERS, by_key, main_table
 
     _, samples = tables
     assert main_table()["gsm8k"] == {
@@ -484,7 +500,7 @@ def test_ambiguous_pairs_are_reported_not_fatal(tmp_path: Path) -> None:
 
     shutil.copytree(FIXTURE, tmp_path / "res")
     quest = report.select(
-        report.runs_table(FIXTURE), {"label": "quest", "task": "longgenbench", "dataset": "csqa"}
+        load_runs(FIXTURE), {"label": "quest", "task": "longgenbench", "dataset": "csqa"}
     )
     src = tmp_path / "res" / "runs" / quest["run"].iloc[0]
     twin = src.with_name("0twin0000000")
@@ -509,7 +525,8 @@ def test_report_on_empty_store_says_no_runs(tmp_path: Path) -> None:
 def test_plots_return_figures(tables) -> None:
     from matplotlib.figure import Figure
 
-    from retrobench import plots, report
+    from retrobench import report
+    from retrobench.report import plots
 
     _, samples = tables
     bench = report.read_bench(FIXTURE / "bench")["latency"]
@@ -529,6 +546,20 @@ def test_plots_return_figures(tables) -> None:
     frame = plots.window_frame(lgb)
     base = frame[frame["method"] == "quest"]
     assert set(base["window"]) == {1.0} and set(base["series"]) == {"retro"}
+
+
+def test_the_report_reads_which_method_wraps_which_base_from_the_runs(tables) -> None:
+    """Issue 15: no hand-kept list of bases or of the settings retro shares with its base; the store's
+    reader records per method the settings its runs recorded, and the window plot pairs a run that
+    recorded a base and a window with that base's runs on the settings both recorded."""
+    from retrobench.report import plots
+
+    _, samples = tables
+    settings = samples.attrs["settings"]
+    assert {"base", "window", "budget_fraction"} <= set(settings["retro"]) and "window" not in settings["quest"]
+    shared = set(plots._shared_settings(samples, "retro", "quest"))
+    assert shared == {"selection", "dense_layers", "min_pages", "budget_fraction", "budget_tokens"} & set(samples.columns)
+    assert not hasattr(plots, "SHARED_WITH_BASE") and not hasattr(__import__("retrobench.report").report, "BASES")
 
 
 # ---- CLI ------------------------------------------------------------------------------------------------
@@ -565,14 +596,12 @@ def test_cli_report(tmp_path: Path) -> None:
 def test_committed_fixture_is_current(store) -> None:
     """The committed store holds the same runs and numbers as a fresh build (run hashes and config
     files may differ after a config default changes; regenerate with ``python tests/test_report.py``)."""
-    from retrobench import report
-
     root, _ = store
     columns = ["task", "label", "dataset", "num_questions", "budget_fraction", "seed"]
     numbers = ["n", "accuracy", "exposure", "tpot_p50_s", "ppl_ratio", "top1_agreement", "kl_full_method"]
 
     def table(path: Path) -> Any:
-        runs = report.runs_table(path)
+        runs = load_runs(path)
         return runs[columns + numbers].sort_values(columns, na_position="first").reset_index(drop=True)
 
     import pandas as pd
@@ -581,7 +610,7 @@ def test_committed_fixture_is_current(store) -> None:
         table(FIXTURE), table(root), obj="regenerate with: python tests/test_report.py"
     )
     assert (FIXTURE / "bench" / "latency.csv").read_text() == BENCH
-    assert len(report.samples_table(FIXTURE)) == len(report.samples_table(root))
+    assert len(load_samples(FIXTURE)) == len(load_samples(root))
     assert sum(p.stat().st_size for p in FIXTURE.rglob("*") if p.is_file()) < 200_000
 
 
@@ -618,6 +647,31 @@ def test_notebooks_execute_on_fixture(name: str) -> None:
     namespace = _execute_notebook(NOTEBOOKS / name, FIXTURE)
     figures = [v for v in namespace.values() if isinstance(v, Figure)]
     assert len(figures) >= 2
+
+
+def test_the_store_has_one_reader_everywhere() -> None:
+    """Issue 15: README, ``--help`` and the notebooks name one reader of the store
+    (``retrobench.store.load_runs`` / ``load_samples``) and one set of columns; the report's former
+    ``runs_table`` / ``samples_table`` are the same functions."""
+    from retrobench import report, store
+    from retrobench.cli import USAGE
+    from retrobench.store.tables import KEY_COLUMNS
+
+    assert report.runs_table is report.load_runs is store.load_runs is load_runs
+    assert report.samples_table is report.load_samples is store.load_samples is load_samples
+    runs, samples = load_runs(FIXTURE), load_samples(FIXTURE)
+    assert list(runs.columns[: len(KEY_COLUMNS)]) == list(KEY_COLUMNS)
+    assert list(samples.columns[: len(KEY_COLUMNS)]) == list(KEY_COLUMNS)
+    readme = (ROOT / "README.md").read_text()
+    assert "runs_table" not in readme and "samples_table" not in readme
+    documented = readme[readme.index('runs = load_runs("results")'):]
+    documented = documented[: documented.index("```")]
+    assert all(column in documented for column in KEY_COLUMNS), "README: the columns of load_runs"
+    assert "retrobench.store.load_runs()" in USAGE and "load_samples()" in USAGE
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        text = path.read_text()
+        assert "from retrobench.store import load_runs, load_samples" in text, path.name
+        assert "runs_table" not in text and "samples_table" not in text, path.name
 
 
 def test_latency_notebook_plots_the_committed_decode_table(tmp_path: Path) -> None:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from retrobench import results
+from retrobench.store import load_runs, load_samples, results
 from retrobench.cli import conf_dir
-from retrobench.metrics import aggregate, bootstrap_ci, summarize
+from retrobench.store.metrics import aggregate, bootstrap_ci, summarize
 
 
 def _cfg(*overrides: str):
@@ -106,26 +106,24 @@ def test_aggregate_and_load_runs(tmp_path: Path) -> None:
     results.write_env(folder, "torch", "cpu")
     for i, acc in enumerate([1.0, 0.0]):
         results.append_sample(folder / "samples.jsonl", _row(i, acc))
-    frame = results.load_runs(tmp_path)
+    frame = load_runs(tmp_path)
     for col in (
         "run",
         "method",
-        "method.dense_layers",
+        "dense_layers",
         "task",
         "task_version",
         "model",
         "seed",
         "backend",
-        "metric",
-        "value",
         "env.git_sha",
         "env.torch",
     ):
         assert col in frame.columns, col
-    assert len(frame) == len(m)
-    assert frame.set_index("metric").loc["accuracy", "value"] == 0.5
-    samples = results.load_samples(tmp_path)
-    assert len(samples) == 2 and "score.accuracy" in samples.columns
-    assert results.load_runs(tmp_path / "empty").empty
+    assert len(frame) == 1 and frame.attrs["metrics"] == list(m)
+    assert frame.loc[0, "accuracy"] == 0.5
+    samples = load_samples(tmp_path)
+    assert len(samples) == 2 and "accuracy" in samples.columns
+    assert load_runs(tmp_path / "empty").empty
     env = json.loads((folder / "env.json").read_text())
     assert env["backend"] == "torch" and env["device"] == "cpu"

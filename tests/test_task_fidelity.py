@@ -16,13 +16,14 @@ from conftest import model_conf, run_cli
 from omegaconf import OmegaConf
 from retrobench.methods.full import FullMethod
 from retrobench.methods.quest import QuestMethod
-from retrobench.tasks.base import Sample, TaskConfigError
+from retrobench.conf import ConfigError
+from retrobench.tasks.base import Sample
 from retrobench.tasks.fidelity import FidelityTask
 from retrobench.tasks.synthetic import SyntheticTask
 
 from retrobench.engine import Engine
-from retrobench.modes import RunContext, fidelity
-from retrobench.reference import ReferenceStore
+from retrobench.runner.modes import RunContext, fidelity
+from retrobench.runner.reference import ReferenceStore
 
 SOURCE = {"context_tokens": 320, "num_queries": 2, "kind": "copy"}
 
@@ -129,7 +130,7 @@ def test_score_fidelity_arithmetic() -> None:
     ],
 )
 def test_bad_settings_name_the_key(kwargs: dict, match: str) -> None:
-    with pytest.raises(TaskConfigError, match=match):
+    with pytest.raises(ConfigError, match=match):
         _task(**kwargs)
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import conf_dir
 
-from retrobench.models import ByteTokenizer
-from retrobench.tasks.base import Sample, TaskConfigError
+from retrobench.inputs.models import ByteTokenizer
+from retrobench.conf import ConfigError
+from retrobench.tasks.base import Sample
 from retrobench.tasks.longgenbench import (
     LongGenBenchTask,
     extract_letter,
@@ -207,12 +208,12 @@ def test_local_source(tmp_path: Path):
     m = LongGenBenchTask(dataset="mmlu", source="local", path=str(mmlu), num_samples=1).samples(TOK, 0)[0]
     assert m.reference == ["B"] * 15 and m.meta["first_index"] == 6
     assert "about high school biology" in m.prompt
-    with pytest.raises(TaskConfigError, match=r"task\.num_questions"):
+    with pytest.raises(ConfigError, match=r"task\.num_questions"):
         LongGenBenchTask(source="local", path=str(path), num_questions=45).samples(TOK, 0)
-    with pytest.raises(TaskConfigError, match=r"task\.num_samples"):
+    with pytest.raises(ConfigError, match=r"task\.num_samples"):
         LongGenBenchTask(source="local", path=str(path), num_samples=4).samples(TOK, 0)
     path.write_text('{"prompt": "x"}\n')
-    with pytest.raises(TaskConfigError, match="lacks"):
+    with pytest.raises(ConfigError, match="lacks"):
         LongGenBenchTask(source="local", path=str(path)).samples(TOK, 0)
 
 
@@ -273,9 +274,9 @@ def test_hub_source_from_fixture(fake_hub):
     assert set(m[0].reference) <= set("ABCD") and m[0].prompt.count("\nD") == 5
     c = LongGenBenchTask(dataset="csqa", source="hub", num_questions=15, num_samples=2).samples(TOK, 0)
     assert c[0].reference == ["E"] * 15 and "(E) z" in c[0].prompt and c[0].meta["first_index"] == 6
-    with pytest.raises(TaskConfigError, match=r"task\.num_questions=30"):
+    with pytest.raises(ConfigError, match=r"task\.num_questions=30"):
         LongGenBenchTask(dataset="mmlu", source="hub", num_questions=30).samples(TOK, 0)
-    with pytest.raises(TaskConfigError, match=r"task\.num_samples x task\.num_questions"):
+    with pytest.raises(ConfigError, match=r"task\.num_samples x task\.num_questions"):
         LongGenBenchTask(source="hub", num_questions=30, num_samples=2).samples(TOK, 0)
 
 
@@ -290,7 +291,7 @@ def test_hub_offline_fails_with_one_line(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     for dataset, hub_id in (("gsm8k", "openai/gsm8k"), ("csqa", "tau/commonsense_qa")):
-        with pytest.raises(TaskConfigError) as info:
+        with pytest.raises(ConfigError) as info:
             LongGenBenchTask(dataset=dataset, source="hub").samples(TOK, 0)
         message = str(info.value)
         assert "\n" not in message and hub_id in message and "task.source=local" in message
@@ -313,7 +314,7 @@ def test_hub_offline_fails_with_one_line(monkeypatch, tmp_path):
     ],
 )
 def test_invalid_settings(kwargs, key):
-    with pytest.raises(TaskConfigError, match=key.replace(".", r"\.")) as info:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as info:
         LongGenBenchTask(**kwargs)
     assert "\n" not in str(info.value)
 
@@ -334,7 +335,7 @@ def test_root_config_default_task_and_yaml():
 def test_default_fits_smollm2_context(smollm2_tokenizer):
     from omegaconf import OmegaConf
 
-    from retrobench.modes import encode_prompt
+    from retrobench.runner.modes import encode_prompt
 
     limit = int(OmegaConf.load(conf_dir() / "model" / "smollm2_135m.yaml").max_context)
     for dataset in ("gsm8k", "mmlu", "csqa"):

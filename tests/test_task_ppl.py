@@ -17,13 +17,13 @@ import torch
 from conftest import model_conf, run_cli
 from retrobench.methods.full import FullMethod
 from retrobench.methods.quest import QuestMethod
-from retrobench.tasks.base import TaskConfigError
+from retrobench.conf import ConfigError
 from retrobench.tasks.ppl import PerplexityTask
 
 from retrobench.engine import Engine
-from retrobench.metrics import token_nll
-from retrobench.modes import RunContext, teacher_forced
-from retrobench.reference import ReferenceStore
+from retrobench.store.metrics import token_nll
+from retrobench.runner.modes import RunContext, teacher_forced
+from retrobench.runner.reference import ReferenceStore
 
 
 def _ctx(tiny_random, method, results: Path, task: PerplexityTask) -> RunContext:
@@ -130,11 +130,11 @@ def test_file_source_reads_consecutive_windows(tiny_random, tmp_path: Path) -> N
         assert s.meta["target_ids"] == raw[start + 64 : start + 80]
     assert [s.meta for s in task.samples(tok, seed=0)] == [s.meta for s in samples]  # seed-independent
 
-    with pytest.raises(TaskConfigError, match="has only"):
+    with pytest.raises(ConfigError, match="has only"):
         PerplexityTask(source="file", path=str(path), context_tokens=4000, eval_tokens=16).samples(tok, 0)
-    with pytest.raises(TaskConfigError, match="task.path"):
+    with pytest.raises(ConfigError, match="task.path"):
         PerplexityTask(source="file", path=str(tmp_path / "missing.txt"))
-    with pytest.raises(TaskConfigError, match="task.path"):
+    with pytest.raises(ConfigError, match="task.path"):
         PerplexityTask(source="file")
 
 
@@ -151,7 +151,7 @@ def test_pg19_offline_fails_with_one_line(tiny_random, monkeypatch: pytest.Monke
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     task = PerplexityTask(source="pg19", context_tokens=64, eval_tokens=16, num_samples=1)
-    with pytest.raises(TaskConfigError) as info:
+    with pytest.raises(ConfigError) as info:
         task.samples(tok, seed=0)
     message = str(info.value)
     assert "\n" not in message and "deepmind/pg19" in message and "source: file" in message
@@ -167,7 +167,7 @@ def test_pg19_offline_fails_with_one_line(tiny_random, monkeypatch: pytest.Monke
     ],
 )
 def test_bad_settings_name_the_key(kwargs: dict, key: str) -> None:
-    with pytest.raises(TaskConfigError, match=key.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         PerplexityTask(**kwargs)
 
 
@@ -197,5 +197,5 @@ def test_first_window_skips_windows_and_keeps_absolute_ids(tiny_random) -> None:
     (second,) = _task(num_samples=1, first_window=1).samples(tok, seed=3)
     assert second.id == both[1].id == "ppl-stdlib-1"
     assert second.meta == both[1].meta and second.reference == both[1].reference
-    with pytest.raises(TaskConfigError, match="task.first_window"):
+    with pytest.raises(ConfigError, match="task.first_window"):
         _task(first_window=-1)

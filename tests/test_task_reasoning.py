@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import pytest
 from conftest import conf_dir
-from retrobench.tasks.base import TaskConfigError
+from retrobench.conf import ConfigError
 from retrobench.tasks.reasoning import BENCHMARKS, HUB, MATH_INSTRUCTION, ReasoningTask
 
 GPQA_ROWS = [
@@ -120,7 +120,7 @@ def test_hub_offline_fails_with_one_line(monkeypatch, benchmark):
                 monkeypatch.setattr(dconfig, key, True)
     except ImportError:  # without `datasets` the message says to install it: still one line
         pass
-    with pytest.raises(TaskConfigError) as info:
+    with pytest.raises(ConfigError) as info:
         ReasoningTask(benchmark=benchmark).samples(None, seed=0)
     msg = str(info.value)
     assert "\n" not in msg and HUB[benchmark][0] in msg and "task.source=local" in msg
@@ -138,7 +138,7 @@ def test_samples_per_question_gives_k_distinct_ids(tmp_path):
         2,
         3,
     ]
-    from retrobench.run import sample_seed
+    from retrobench.runner.run import sample_seed
 
     assert len({sample_seed(0, s.id) for s in samples}) == 8  # the run layer's sampling seeds differ
 
@@ -149,7 +149,7 @@ def test_num_questions_is_a_seeded_subset(tmp_path):
     assert [s.id for s in a] == [s.id for s in b] and len(a) == 3
     assert [s.id for s in a] != [s.id for s in c]
     assert len(local_task(tmp_path, "aime24").samples(None, 0)) == 10
-    with pytest.raises(TaskConfigError, match=r"task\.num_questions=11 exceeds the 10"):
+    with pytest.raises(ConfigError, match=r"task\.num_questions=11 exceeds the 10"):
         local_task(tmp_path, "aime24", num_questions=11).samples(None, 0)
 
 
@@ -215,7 +215,7 @@ def test_score_gpqa(tmp_path):
     ],
 )
 def test_invalid_settings(kwargs, key):
-    with pytest.raises(TaskConfigError) as info:
+    with pytest.raises(ConfigError) as info:
         ReasoningTask(**kwargs)
     assert key in str(info.value) and "\n" not in str(info.value)
     if key == "task.benchmark":
@@ -236,9 +236,9 @@ def test_invalid_settings(kwargs, key):
 def test_bad_local_file(tmp_path, content, match):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
-    with pytest.raises(TaskConfigError, match=match):
+    with pytest.raises(ConfigError, match=match):
         ReasoningTask(benchmark="aime24", source="local", path=str(path)).samples(None, 0)
-    with pytest.raises(TaskConfigError, match=r"task\.path=.*is not a file"):
+    with pytest.raises(ConfigError, match=r"task\.path=.*is not a file"):
         ReasoningTask(benchmark="aime24", source="local", path=str(tmp_path / "missing.jsonl")).samples(
             None, 0
         )
@@ -246,10 +246,10 @@ def test_bad_local_file(tmp_path, content, match):
 
 def test_bad_gpqa_choices(tmp_path):
     rows = [{"question": "Q?", "choices": ["p", "q"], "answer": "p"}]
-    with pytest.raises(TaskConfigError, match="choices must be a list of 4"):
+    with pytest.raises(ConfigError, match="choices must be a list of 4"):
         local_task(tmp_path, "gpqa_diamond", rows).samples(None, 0)
     rows = [{"question": "Q?", "choices": ["p", "q", "r", "s"], "answer": "z"}]
-    with pytest.raises(TaskConfigError, match="neither an option"):
+    with pytest.raises(ConfigError, match="neither an option"):
         local_task(tmp_path, "gpqa_diamond", rows).samples(None, 0)
 
 
@@ -275,5 +275,5 @@ def test_math_grader_setting_picks_the_comparison():
     assert ReasoningTask(benchmark="math500").score(sample, answer)["accuracy"] == 0.0
     assert ReasoningTask(benchmark="math500", math_grader="retrobench").score(sample, answer)["accuracy"] == 1.0
     assert ReasoningTask(benchmark="math500").score(sample, r"\boxed{\frac{20}{2}}")["accuracy"] == 1.0
-    with pytest.raises(TaskConfigError, match="task.math_grader"):
+    with pytest.raises(ConfigError, match="task.math_grader"):
         ReasoningTask(benchmark="math500", math_grader="sympy")

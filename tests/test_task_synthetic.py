@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import conf_dir
 
-from retrobench.models import ByteTokenizer
-from retrobench.tasks.base import Sample, TaskConfigError
+from retrobench.inputs.models import ByteTokenizer
+from retrobench.conf import ConfigError
+from retrobench.tasks.base import Sample
 from retrobench.tasks.synthetic import SyntheticTask, score_retrieval
 
 
@@ -120,7 +121,7 @@ def test_score_copy(byte_tok):
     ],
 )
 def test_invalid_settings(kwargs, key):
-    with pytest.raises(TaskConfigError, match=key.replace(".", r"\.")) as info:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as info:
         SyntheticTask(**kwargs)
     assert "\n" not in str(info.value)
     if key == "task.kind":
@@ -128,7 +129,7 @@ def test_invalid_settings(kwargs, key):
 
 
 def test_context_too_small_for_queries(byte_tok):
-    with pytest.raises(TaskConfigError, match=r"task\.context_tokens"):
+    with pytest.raises(ConfigError, match=r"task\.context_tokens"):
         SyntheticTask(context_tokens=64, num_queries=8).samples(byte_tok, 0)
 
 

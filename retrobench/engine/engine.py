@@ -83,6 +83,18 @@ def _attend(call: Call, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.T
     return attend(layer, q, k, v, call)
 
 
+def check_settings(page_size: Any, prefill_chunk: Any, compile: Any = "auto") -> None:
+    """The engine's own settings, checked once here: by :class:`Engine` and, before any model
+    loads, by the run layer (:func:`retrobench.runner.validation.check_engine`)."""
+    if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 1 or page_size & (page_size - 1):
+        raise ConfigError(f"engine.page_size must be a power of two (1, 2, 4, ..., 16, ...), got {page_size!r}")
+    if prefill_chunk != "auto" and (not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool)
+                                    or prefill_chunk < 1):  # fmt: skip
+        raise ConfigError(f"engine.prefill_chunk must be an integer >= 1 or auto, got {prefill_chunk!r}")
+    if compile not in ("auto", True, False) or isinstance(compile, int) and not isinstance(compile, bool):
+        raise ConfigError(f"engine.compile must be auto, true or false, got {compile!r}")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -130,15 +142,12 @@ class Engine:
         compile: bool | str = "auto",
         fused_layers: bool | None = None,
     ) -> None:
-        if not isinstance(page_size, int) or page_size < 1 or page_size & (page_size - 1):
-            raise ConfigError(f"engine.page_size must be a power of two (1, 2, 4, ..., 16, ...), got {page_size!r}")
+        check_settings(page_size, prefill_chunk, compile)
         param = next(model.parameters())
         backend = resolve_backend(backend, param.device)
         prefill_chunk = resolve_prefill_chunk(prefill_chunk, param.device)
         if backend not in BACKENDS:
             raise ConfigError(f"engine.backend={backend} is not available; allowed: auto, {', '.join(BACKENDS)}")
-        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
-            raise ConfigError(f"engine.prefill_chunk must be an integer >= 1 or auto, got {prefill_chunk!r}")
         self.model = model
         self.method = method
         self.page_size = page_size
@@ -177,8 +186,6 @@ class Engine:
 
     def _resolve_compile(self, value: bool | str) -> bool:
         """``engine.compile`` as a bool: ``auto`` is on where the fused layers and CUDA graphs both run."""
-        if value not in ("auto", True, False):
-            raise ConfigError(f"engine.compile must be auto, true or false, got {value!r}")
         reason = unsupported_reason(self.model)
         if value == "auto":
             return reason is None and self.graphs_enabled

@@ -1,9 +1,9 @@
 """Conventions and small value helpers shared by every :mod:`retrobench.report` module.
 
-Kept apart (and importing nothing of the package) so that loading, statistics, the paper
-comparison and rendering share one definition of which metrics are percentages, which methods
-are bases, the method order in tables, and how a value is shortened, tested for missing or made
-numeric.
+Kept apart (importing nothing of the report) so that loading, statistics, the paper comparison
+and rendering share one definition of which metrics are percentages, the method order in tables,
+and how a value is shortened, tested for missing or made numeric. Which method wraps which base,
+and the settings they share, is not kept here: it is read from what each run recorded.
 """
 
 from __future__ import annotations
@@ -11,31 +11,24 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from retrobench.store.tables import numeric, short  # noqa: F401 - one definition, shared with the store's reader
+
 #: Metrics stored as fractions in [0, 1] and shown in percent.
 PERCENT = frozenset({"accuracy", "completion", "top1_agreement", "mass_recall"})
 
-#: Methods that select (and can be wrapped by retro as ``method.base``).
-BASES = ("quest", "infllm", "oracle")
-
-#: Preferred order of methods in tables.
+#: Preferred order of methods in tables (display only: which method wraps which base, and what they
+#: share, is read from the settings each run recorded).
 METHOD_ORDER = ("full", "streaming", "tova", "infllm", "quest", "oracle", "retro")
 
 
-def _scale(metric: str) -> float:
+def metric_scale(metric: str) -> float:
+    """100 for a metric shown in percent (:data:`PERCENT`), else 1."""
     return 100.0 if metric in PERCENT else 1.0
 
 
-def _short(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _none(value: Any) -> Any:
+def none_if_nan(value: Any) -> Any:
+    """``None`` for None or NaN, else the value."""
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def _numeric(series: Any) -> Any:
-    import pandas as pd
-
-    return pd.to_numeric(series, errors="coerce").astype(float)
+__all__ = ["METHOD_ORDER", "PERCENT", "metric_scale", "none_if_nan", "numeric", "short"]

@@ -1,240 +1,18 @@
-"""Reading the result store into pandas frames (read only: the report never writes to the store).
+"""The benchmark side of the report's inputs: :func:`read_bench` (the benchmark CSVs),
+:func:`runs_latency` (runs as a latency table) and :func:`is_latency_frame`.
 
-:func:`runs_table` (one row per finished run), :func:`samples_table` (one row per sample),
-:func:`read_bench` (the benchmark CSVs) and :func:`runs_latency` (runs as a latency table), with
-the record helpers that turn a run folder into identifying columns, metrics and labels. Every
-other :mod:`retrobench.report` module starts from these frames.
+Runs and samples come from the store's one reader (:func:`retrobench.store.load_runs` /
+:func:`~retrobench.store.load_samples`); the report never writes to the store.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from retrobench import results
-from retrobench.report.common import _none, _numeric, _short
-
-#: Method settings that get their own name in the tables (the rest keep theirs, dots -> "_").
-_SETTING_NAMES = {"budget.fraction": "budget_fraction", "budget.tokens": "budget_tokens"}
-#: Short names of settings inside labels.
-_LABEL_NAMES = {"window": "w"}
-#: Settings never shown in labels (budgets have their own columns).
-_NOT_IN_LABEL = ("budget_fraction", "budget_tokens")
-#: Columns of the samples table that come from the sample row itself (not its score/stats).
-_SAMPLE_FIELDS = ("id", "index", "prompt_tokens", "new_tokens", "finish_reason", "ttft_s", "wall_s")
-
-
-def _load_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    import yaml
-
-    data = yaml.safe_load(path.read_text())
-    return data if isinstance(data, dict) else {}
-
-
-def _scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (str, int, float, bool))
-
-
-def _dataset(task_settings: Mapping[str, Any]) -> Any:
-    """The dataset-like setting of a task (longgenbench dataset, reasoning benchmark, ...)."""
-    for key in ("dataset", "benchmark", "kind", "source"):
-        if task_settings.get(key) is not None:
-            return task_settings[key]
-    return None
-
-
-def _run_record(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(keys, metrics)`` of one finished run folder: identifying columns and metrics.json metrics."""
-    info = json.loads((folder / results.METRICS_FILE).read_text())
-    env = json.loads((folder / results.ENV_FILE).read_text()) if (folder / results.ENV_FILE).is_file() else {}
-    config = _load_yaml(folder / results.CONFIG_FILE)
-    settings = dict(info.get("method_settings") or {})
-    settings.pop("method", None)
-    task = dict(info.get("task_settings") or {})
-    source = task.get("source_settings") if isinstance(task.get("source_settings"), Mapping) else {}
-    keys: dict[str, Any] = {
-        "run": folder.name,
-        "model": info.get("model"),
-        "method": info.get("method"),
-        "label": info.get("method"),
-        "base": settings.pop("base", None),
-        "window": settings.pop("window", None),
-        "budget_fraction": settings.pop("budget.fraction", None),
-        "budget_tokens": settings.pop("budget.tokens", None),
-    }
-    for key, value in settings.items():
-        if _scalar(value):
-            keys[_SETTING_NAMES.get(key, key.replace(".", "_"))] = value
-    keys.update(
-        task=info.get("task"),
-        task_version=info.get("task_version"),
-        dataset=_dataset(task) if _dataset(source) is None else _dataset(source),
-        num_questions=task.get("num_questions", source.get("num_questions")),
-        seed=info.get("seed"),
-        backend=info.get("backend"),
-        device=info.get("device"),
-    )
-    for key, value in task.items():
-        if key not in ("task", "task_version") and _scalar(value):
-            keys[f"task.{key}"] = value
-    for key, value in (config.get("engine") or {}).items():
-        if _scalar(value):
-            keys[f"engine.{key}"] = value
-    for key in ("git_sha", "git_dirty", "device_name", "hostname"):
-        keys[f"env.{key}"] = env.get(key)
-    metrics = {k: (float("nan") if v is None else v) for k, v in (info.get("metrics") or {}).items()}
-    return keys, metrics
-
-
-def _labels(rows: list[dict[str, Any]]) -> None:
-    """Set ``label``: the method plus every method or engine setting that differs between its runs of
-    one task (in place), e.g. ``retro(w=2, past_query=cached)`` or ``quest(engine.page_size=32)``.
-    Settings are compared within a task: the reasoning runs' sampling temperature does not relabel
-    the LongGenBench runs.
-
-    Retro labels always carry the window (``retro(w=2)``) and the base when it is not quest.
-    """
-    ignore = {"run", "model", "method", "label", "task", "task_version", "dataset", "num_questions", "seed"}
-    ignore |= {"backend", "device", *_NOT_IN_LABEL}
-    by_method: dict[Any, list[dict[str, Any]]] = {}
-    for row in rows:
-        by_method.setdefault((row.get("task"), row["method"]), []).append(row)
-    for (_, method), group in by_method.items():
-        keys = list(dict.fromkeys(
-            k for r in group for k in r if k not in ignore and not k.startswith(("task.", "env."))
-        ))  # fmt: skip
-        varying = [k for k in keys if len({json.dumps(r.get(k), default=str) for r in group}) > 1]
-        if method == "retro":
-            varying = ["window"] + [k for k in varying if k != "window"]
-            if "base" not in varying and any(r.get("base") not in (None, "quest") for r in group):
-                varying.insert(0, "base")
-        for row in group:
-            parts = [f"{_LABEL_NAMES.get(k, k)}={_short(row.get(k))}" for k in varying]
-            row["label"] = f"{method}({', '.join(parts)})" if parts else str(method)
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """The complete JSON rows of a ``samples.jsonl``, read only: unlike
-    :func:`retrobench.results.read_samples`, a broken or duplicate line is skipped without repairing
-    the file (the report never writes to the store)."""
-    if not Path(path).is_file():
-        return []
-    rows, seen = [], set()
-    for line in Path(path).read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and row.get("id") not in seen:
-            seen.add(row.get("id"))
-            rows.append(row)
-    return rows
-
-
-def _finished_runs(results_dir: str | Path) -> list[tuple[Path, dict[str, Any], dict[str, Any]]]:
-    records = []
-    for folder in results._run_folders(results_dir):
-        try:
-            keys, metrics = _run_record(folder)
-        except (OSError, ValueError) as exc:  # a corrupt metrics.json is skipped, not fatal
-            print(f"warning: skipping {folder}: {exc}")
-            continue
-        records.append((folder, keys, metrics))
-    _labels([keys for _, keys, _ in records])
-    return records
-
-
-def _frame(records: list[dict[str, Any]], first: Sequence[str]) -> Any:
-    import pandas as pd
-
-    frame = pd.DataFrame.from_records(records)
-    if frame.empty:
-        return pd.DataFrame(columns=list(first))
-    cols = [c for c in first if c in frame.columns] + [c for c in frame.columns if c not in first]
-    frame = frame[cols]
-    for col in ("window", "budget_fraction", "budget_tokens", "num_questions", "seed"):
-        if col in frame.columns:
-            frame[col] = pd.to_numeric(frame[col], errors="coerce")
-    return frame
-
-
-#: Leading columns of both tables.
-KEY_COLUMNS = (
-    "run",
-    "model",
-    "method",
-    "label",
-    "base",
-    "window",
-    "budget_fraction",
-    "budget_tokens",
-    "task",
-    "dataset",
-    "num_questions",
-    "seed",
-    "backend",
-)
-
-
-def runs_table(results_dir: str | Path = "results") -> Any:
-    """One pandas row per finished run (see the module docstring for the columns).
-
-    Metric columns are exactly the keys of ``metrics.json``'s ``metrics`` (null -> NaN); the list
-    is in ``frame.attrs["metrics"]``.
-    """
-    records, metric_names = [], []
-    for _, keys, metrics in _finished_runs(results_dir):
-        records.append({**keys, **metrics})
-        metric_names += [m for m in metrics if m not in metric_names]
-    frame = _frame(records, KEY_COLUMNS)
-    for name in metric_names:
-        frame[name] = _numeric(frame[name])
-    frame.attrs["metrics"] = metric_names
-    return frame
-
-
-def samples_table(results_dir: str | Path = "results", text: bool = False) -> Any:
-    """One pandas row per sample of every finished run.
-
-    Columns: the run columns of :func:`runs_table` (without its metrics), the sample's ``id``,
-    ``index``, ``prompt_tokens``, ``new_tokens``, ``finish_reason``, ``ttft_s``, ``wall_s``,
-    ``tpot_p50_s``, every numeric score key and every numeric engine stat (``exposure``,
-    ``attended_kv``...; a stat whose name is also a score key is kept as ``stats.<key>``).
-    ``text=True`` adds the generated ``output``. ``frame.attrs["scores"]`` lists the score columns.
-    """
-    records, scores = [], []
-    for folder, keys, _ in _finished_runs(results_dir):
-        for row in _read_rows(folder / results.SAMPLES_FILE):
-            flat = dict(keys)
-            for field in _SAMPLE_FIELDS:
-                if field in row:
-                    flat[field] = row[field]
-            tpot = row.get("tpot_s")
-            flat["tpot_p50_s"] = tpot.get("p50") if isinstance(tpot, Mapping) else None
-            score = row.get("score") or {}
-            for key, value in score.items():
-                if isinstance(value, (int, float)):
-                    name = key if key not in keys else f"score.{key}"
-                    flat[name] = float(value)
-                    if name not in scores:
-                        scores.append(name)
-            for key, value in (row.get("stats") or {}).items():
-                if isinstance(value, (int, float)):
-                    name = key if key not in keys and key not in score else f"stats.{key}"
-                    flat[name] = float(value)
-            if text:
-                flat["output"] = row.get("output")
-            records.append(flat)
-    frame = _frame(records, (*KEY_COLUMNS, "id"))
-    frame.attrs["scores"] = scores
-    return frame
-
+from retrobench.report.common import none_if_nan, numeric, short
 
 def read_bench(bench_dir: str | Path) -> dict[str, Any]:
     """``{stem: DataFrame}`` of every ``*.csv`` in ``bench_dir`` (``{}`` when it does not exist)."""
@@ -274,13 +52,13 @@ def runs_latency(runs: Any) -> Any:
     if frame.empty:
         return pd.DataFrame(columns=columns)
     frame["budget"] = [
-        f"{_short(f)}" if _none(f) is not None else (f"{_short(t)} tokens" if _none(t) is not None else "")
+        f"{short(f)}" if none_if_nan(f) is not None else (f"{short(t)} tokens" if none_if_nan(t) is not None else "")
         for f, t in zip(frame["budget_fraction"], frame["budget_tokens"])
     ]
     frame["device"] = frame.get("env.device_name", frame.get("device"))
-    frame["context"] = _numeric(frame["task.context_tokens"]).astype(int)
+    frame["context"] = numeric(frame["task.context_tokens"]).astype(int)
     for q in ("p10", "p50", "p90"):
-        frame[f"{q}_ms"] = _numeric(frame.get(f"tpot_{q}_s", np.nan)) * 1000
+        frame[f"{q}_ms"] = numeric(frame.get(f"tpot_{q}_s", np.nan)) * 1000
     keys = ["model", "device", "method", "window", "budget", "context"]
     out = (
         frame.groupby(keys, dropna=False)

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from retrobench.report.common import METHOD_ORDER, PERCENT, _scale, _short
-from retrobench.report.stats import _equal, _groups
+from retrobench.report.common import METHOD_ORDER, PERCENT, metric_scale, short
+from retrobench.report.stats import equal, groups
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -50,7 +50,7 @@ def cell(mean: float, low: float, high: float, metric: str = "", digits: int | N
     """``"56.5 [52.1, 60.9]"``: a mean and its CI, in percent for :data:`PERCENT` metrics."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return ""
-    scale = _scale(metric)
+    scale = metric_scale(metric)
     if digits is None and metric in PERCENT:
         return f"{mean * scale:.1f} [{low * scale:.1f}, {high * scale:.1f}]"
     d = digits or 4
@@ -76,16 +76,16 @@ def pivot_cells(stats: Any, rows: Sequence[str], column: str, metric: str) -> An
     values = list(stats[column].dropna().unique())
     values = sorted(values, key=_method_key) if column == "label" else sorted(values)
     out = []
-    for key, group in _groups(stats, rows):
+    for key, group in groups(stats, rows):
         row = dict(zip(rows, key))
         for value in values:
-            hit = group[_equal(group[column], value)]
-            row[_short(value) if column != "label" else value] = hit["cell"].iloc[0] if len(hit) else ""
+            hit = group[equal(group[column], value)]
+            row[short(value) if column != "label" else value] = hit["cell"].iloc[0] if len(hit) else ""
         out.append(row)
     return pd.DataFrame(out)
 
 
-class _Writer:
+class Writer:
     """Accumulates report.md text, CSV tables and PNG plots under ``out_dir``."""
 
     def __init__(self, out_dir: Path) -> None:

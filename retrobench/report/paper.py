@@ -1,4 +1,4 @@
-"""Our numbers beside the paper's (:mod:`retrobench.paper_numbers`): :func:`paper_table`.
+"""Our numbers beside the paper's (:mod:`retrobench.report.paper_numbers`): :func:`paper_table`.
 
 Kept apart from the statistics it builds on because it is the one place that knows how a
 paper number (mean, paired delta, latency delta) maps to our samples and benchmark CSVs.
@@ -10,16 +10,16 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from retrobench.report.common import _none, _scale, _short
+from retrobench.report.common import metric_scale, none_if_nan, short
 from retrobench.report.load import is_latency_frame
-from retrobench.report.stats import _groups, latency_overhead, paired, select, summary
+from retrobench.report.stats import groups, latency_overhead, paired, select, summary
 
 
 def _values_note(df: Any, column: str, name: str) -> str:
     if column not in df.columns:
         return ""
     values = sorted(set(df[column].dropna()), key=lambda v: (isinstance(v, str), v))
-    values = list(dict.fromkeys(_short(v) for v in values))
+    values = list(dict.fromkeys(short(v) for v in values))
     return f"{name}={','.join(values)}" if values else ""
 
 
@@ -29,7 +29,7 @@ def paper_table(
     numbers: Sequence[Any] | None = None,
     same_model_only: bool = False,
 ) -> Any:
-    """Our numbers beside the paper's (:data:`retrobench.paper_numbers.PAPER_NUMBERS`).
+    """Our numbers beside the paper's (:data:`retrobench.report.paper_numbers.PAPER_NUMBERS`).
 
     One row per paper number and per (our model, our label[s]) that matches it, or one row with
     ``ours`` NaN and ``note`` "no runs" when nothing does. A number's ``match`` selects samples
@@ -44,7 +44,7 @@ def paper_table(
     """
     import pandas as pd
 
-    from retrobench.paper_numbers import PAPER_NUMBERS
+    from retrobench.report.paper_numbers import PAPER_NUMBERS
 
     numbers = PAPER_NUMBERS if numbers is None else numbers
     columns = [
@@ -80,13 +80,13 @@ def paper_table(
 
 def _paper_rows(number: Any, samples: Any, bench: Mapping[str, Any]) -> list[dict[str, Any]]:
     match = {k: v for k, v in number.match.items() if k != "model"}
-    scale = _scale(number.metric)
+    scale = metric_scale(number.metric)
     out: list[dict[str, Any]] = []
     if number.kind == "mean":
         chosen = select(samples, match) if not samples.empty else samples
         if chosen.empty:
             return out
-        for key, group in _groups(chosen, ["model", "label", "budget_fraction", "budget_tokens"]):
+        for key, group in groups(chosen, ["model", "label", "budget_fraction", "budget_tokens"]):
             s = summary(group, [], number.metric)
             if s.empty:
                 continue
@@ -129,7 +129,7 @@ def _paper_rows(number: Any, samples: Any, bench: Mapping[str, Any]) -> list[dic
                         "ci_high": r["ci_high"] * scale,
                         "n": int(r["n"]),
                         "note": "paired on (id, seed)" + (
-                            "" if _none(r["budget_fraction"]) is None else f"; b={_short(r['budget_fraction'])}"
+                            "" if none_if_nan(r["budget_fraction"]) is None else f"; b={short(r['budget_fraction'])}"
                         ),
                     })  # fmt: skip
     elif number.kind == "latency_delta":
@@ -141,7 +141,7 @@ def _paper_rows(number: Any, samples: Any, bench: Mapping[str, Any]) -> list[dic
                     continue
                 out.append({
                     "model": row.get("model"),
-                    "label": f"retro(w={_short(row['window'])}) - quest",
+                    "label": f"retro(w={short(row['window'])}) - quest",
                     "ours": row["mean_ms"],
                     "ci_low": float("nan"),
                     "ci_high": float("nan"),

@@ -1,7 +1,7 @@
 """The sections of report.md, one writer each, and the helpers they share.
 
 Each ``section(w, ...)`` appends one ``##`` section (text, CSV tables, plots) to a
-:class:`~retrobench.report.markdown._Writer`, or "no runs" and why; :func:`retrobench.report.write.write_report`
+:class:`~retrobench.report.markdown.Writer`, or "no runs" and why; :func:`retrobench.report.write.write_report`
 calls them in order. Kept apart from ``write_report`` so that each section reads on its own.
 """
 
@@ -13,14 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from retrobench.report.common import PERCENT, _numeric, _scale, _short
+from retrobench.report.common import PERCENT, metric_scale, numeric, short
 from retrobench.report.load import is_latency_frame, runs_latency
-from retrobench.report.markdown import _Writer, cell, pivot_cells
+from retrobench.report.markdown import Writer, cell, pivot_cells
 from retrobench.report.paper import paper_table
-from retrobench.report.stats import _groups, latency_overhead, paired_vs_base, select, summary
+from retrobench.report.stats import groups, latency_overhead, paired_vs_base, select, summary
 
 
-def _generating(samples: Any) -> Any:
+def generating(samples: Any) -> Any:
     if samples.empty or "accuracy" not in samples.columns:
         return samples.iloc[0:0]
     return samples[samples["accuracy"].notna()]
@@ -29,7 +29,7 @@ def _generating(samples: Any) -> Any:
 def _with_pct(stats: Any, metric: str, digits: int = 1) -> Any:
     """Summary rows with the metric's mean and CI rounded (and in % for percent metrics)."""
     stats = stats.copy()
-    scale = _scale(metric)
+    scale = metric_scale(metric)
     for col in ("mean", "ci_low", "ci_high"):
         stats[col] = (stats[col] * scale).round(digits if metric in PERCENT else 6)
     if metric in PERCENT:
@@ -37,7 +37,7 @@ def _with_pct(stats: Any, metric: str, digits: int = 1) -> Any:
     return stats
 
 
-def _safe_paired(w: _Writer, samples: Any, metric: str, by: Sequence[str]) -> Any:
+def _safe_paired(w: Writer, samples: Any, metric: str, by: Sequence[str]) -> Any:
     """:func:`paired_vs_base`, or (when runs that the labels do not tell apart share samples, e.g. two
     task settings) an empty frame and a line in the report saying why."""
     try:
@@ -75,7 +75,7 @@ def _scaled_diff(diff: Any, metric: str) -> Any:
     return diff
 
 
-def runs_overview(w: _Writer, runs: Any, samples: Any) -> None:
+def runs_overview(w: Writer, runs: Any, samples: Any) -> None:
     """``## Runs``: runs (and samples) per task, model, label, dataset and budget."""
     w.text("## Runs")
     if runs.empty:
@@ -84,7 +84,7 @@ def runs_overview(w: _Writer, runs: Any, samples: Any) -> None:
         keys = ["task", "model", "label", "dataset", "budget_fraction", "budget_tokens"]
         overview = (
             runs.groupby(keys, dropna=False)
-            .agg(runs=("run", "count"), seeds=("seed", lambda s: ",".join(_short(x) for x in sorted(set(s)))))
+            .agg(runs=("run", "count"), seeds=("seed", lambda s: ",".join(short(x) for x in sorted(set(s)))))
             .reset_index()
         )
         if not samples.empty:
@@ -93,9 +93,9 @@ def runs_overview(w: _Writer, runs: Any, samples: Any) -> None:
         w.table("runs_overview", overview)
 
 
-def longgenbench(w: _Writer, lgb: Any) -> None:
+def longgenbench(w: Writer, lgb: Any) -> None:
     """``## LongGenBench accuracy``: accuracy by method, pooled over n, completion, and retro − base."""
-    from retrobench import plots
+    from retrobench.report import plots
 
     w.text("## LongGenBench accuracy")
     if lgb.empty:
@@ -143,9 +143,9 @@ def longgenbench(w: _Writer, lgb: Any) -> None:
             w.figure("longgenbench_paired", fig, "retro − base accuracy difference")
 
 
-def paper_comparison(w: _Writer, runs: Any, samples: Any, bench: Mapping[str, Any]) -> None:
+def paper_comparison(w: Writer, runs: Any, samples: Any, bench: Mapping[str, Any]) -> None:
     """``## Paper numbers beside ours``: :func:`~retrobench.report.paper.paper_table`, shown."""
-    from retrobench.paper_numbers import PAPER_NUMBERS
+    from retrobench.report.paper_numbers import PAPER_NUMBERS
 
     w.text("## Paper numbers beside ours")
     latency_frames = dict(bench)
@@ -154,7 +154,7 @@ def paper_comparison(w: _Writer, runs: Any, samples: Any, bench: Mapping[str, An
     table = paper_table(samples, latency_frames)
     if (table["n"] > 0).any():
         w.text(
-            "Paper numbers from `reference/paper.md` (`retrobench/paper_numbers.py`, source per row). "
+            "Paper numbers from `reference/paper.md` (`retrobench/report/paper_numbers.yaml`, source per row). "
             "`gap` = ours − paper. Rows whose model differs from the paper's (`same_model` = no) are "
             "context, not a reproduction check."
         )
@@ -198,9 +198,9 @@ def paper_comparison(w: _Writer, runs: Any, samples: Any, bench: Mapping[str, An
         )
 
 
-def window_ablation(w: _Writer, gen: Any) -> None:
+def window_ablation(w: Writer, gen: Any) -> None:
     """``## Window ablation``: accuracy vs retro's window (w = 1 is the base)."""
-    from retrobench import plots
+    from retrobench.report import plots
 
     w.text("## Window ablation (accuracy vs w)")
     windows = plots.window_frame(gen)
@@ -217,9 +217,9 @@ def window_ablation(w: _Writer, gen: Any) -> None:
         w.figure("accuracy_vs_window", plots.accuracy_vs_window(gen, facet="dataset"), "accuracy vs window")
 
 
-def budget_sweep(w: _Writer, gen: Any) -> None:
+def budget_sweep(w: Writer, gen: Any) -> None:
     """``## Budget sweep``: accuracy vs budget fraction for methods run at two or more."""
-    from retrobench import plots
+    from retrobench.report import plots
 
     w.text("## Budget sweep (accuracy vs budget)")
     group = ["model", "task", "dataset", "num_questions", "label"]
@@ -239,10 +239,10 @@ def budget_sweep(w: _Writer, gen: Any) -> None:
         w.figure("accuracy_vs_budget", plots.accuracy_vs_budget(swept, facet="dataset"), "accuracy vs budget")
 
 
-def exposure(w: _Writer, samples: Any, gen: Any) -> None:
+def exposure(w: Writer, samples: Any, gen: Any) -> None:
     """``## Effective KV exposure`` of retro runs, beside the paper's points."""
-    from retrobench import plots
-    from retrobench.paper_numbers import exposure_points
+    from retrobench.report import plots
+    from retrobench.report.paper_numbers import exposure_points
 
     w.text("## Effective KV exposure")
     retro = select(samples, {"method": "retro"})
@@ -264,7 +264,7 @@ def exposure(w: _Writer, samples: Any, gen: Any) -> None:
             w.figure("exposure_vs_accuracy", plots.exposure_vs_accuracy(gen), "exposure vs accuracy")
 
 
-def fidelity(w: _Writer, samples: Any) -> None:
+def fidelity(w: Writer, samples: Any) -> None:
     """``## Fidelity to full attention`` (task=fidelity) and retro − base."""
     w.text("## Fidelity to full attention (task=fidelity)")
     fid = select(samples, {"task": "fidelity"})
@@ -299,9 +299,9 @@ def fidelity(w: _Writer, samples: Any) -> None:
             w.none("needs retro and its base at the same budget on the same samples")
 
 
-def perplexity(w: _Writer, samples: Any) -> None:
+def perplexity(w: Writer, samples: Any) -> None:
     """``## Perplexity over position`` (task=ppl) and retro − base."""
-    from retrobench import plots
+    from retrobench.report import plots
 
     w.text("## Perplexity over position (task=ppl; paper Figure 1b)")
     ppl = select(samples, {"task": "ppl"})
@@ -311,7 +311,7 @@ def perplexity(w: _Writer, samples: Any) -> None:
     else:
         group = ["model", "dataset", "budget_fraction", "budget_tokens", "label"]
         rows = []
-        for key, g in _groups(ppl, group):
+        for key, g in groups(ppl, group):
             row = dict(zip(group, key))
             s = summary(g, [], "ppl_ratio")
             row["ppl_ratio"] = (
@@ -319,7 +319,7 @@ def perplexity(w: _Writer, samples: Any) -> None:
             )
             row["n"] = int(s["n"].iloc[0]) if len(s) else 0
             for i, col in buckets:
-                row[f"bucket {i}"] = round(float(_numeric(g[col]).mean()), 4)
+                row[f"bucket {i}"] = round(float(numeric(g[col]).mean()), 4)
             rows.append(row)
         import pandas as pd
 
@@ -342,9 +342,9 @@ def perplexity(w: _Writer, samples: Any) -> None:
             w.table("ppl_paired", d)
 
 
-def latency_runs(w: _Writer, runs: Any) -> None:
+def latency_runs(w: Writer, runs: Any) -> None:
     """``## Decode latency and memory (runs)``, and step time vs context when runs vary it."""
-    from retrobench import plots
+    from retrobench.report import plots
 
     w.text("## Decode latency and memory (runs)")
     if runs.empty or "tpot_p50_s" not in runs.columns:
@@ -387,9 +387,9 @@ def latency_runs(w: _Writer, runs: Any) -> None:
                 w.table("latency_overhead_runs", pd.DataFrame(overhead))
 
 
-def benchmarks(w: _Writer, bench: Mapping[str, Any]) -> None:
+def benchmarks(w: Writer, bench: Mapping[str, Any]) -> None:
     """``## Benchmarks``: every ``bench/*.csv``, latency CSVs as a plot, a p50 table and overhead."""
-    from retrobench import plots
+    from retrobench.report import plots
 
     w.text("## Benchmarks (`bench/*.csv`)")
     if not bench:

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from retrobench.metrics import bootstrap_ci, paired_difference
-from retrobench.report.common import _none, _numeric
+from retrobench.store.metrics import bootstrap_ci, paired_difference
+from retrobench.report.common import none_if_nan, numeric
 
 
-def _equal(series: Any, value: Any) -> Any:
+def equal(series: Any, value: Any) -> Any:
     """Elementwise ``series == value`` where NaN/None equal each other and floats are compared loosely."""
     import pandas as pd
 
@@ -27,7 +27,7 @@ def _equal(series: Any, value: Any) -> Any:
     if isinstance(value, (list, tuple, set, frozenset)):
         mask = pd.Series(False, index=series.index)
         for v in value:
-            mask |= _equal(series, v)
+            mask |= equal(series, v)
         return mask
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         numbers = pd.to_numeric(series, errors="coerce")
@@ -50,11 +50,11 @@ def select(df: Any, spec: Mapping[str, Any] | Callable[[Any], Any] | None) -> An
             continue
         if column not in df.columns:
             return df.iloc[0:0]
-        mask &= _equal(df[column], value).to_numpy(bool)
+        mask &= equal(df[column], value).to_numpy(bool)
     return df[mask]
 
 
-def _groups(df: Any, by: Sequence[str]) -> Iterable[tuple[tuple[Any, ...], Any]]:
+def groups(df: Any, by: Sequence[str]) -> Iterable[tuple[tuple[Any, ...], Any]]:
     by = list(by)
     if not by:
         yield (), df
@@ -75,8 +75,8 @@ def summary(
     if metric not in df.columns or df.empty:
         return pd.DataFrame(columns=columns)
     rows = []
-    for key, group in _groups(df, by):
-        values = _numeric(group[metric]).to_numpy()
+    for key, group in groups(df, by):
+        values = numeric(group[metric]).to_numpy()
         values = np.sort(values[np.isfinite(values)])  # sorted: the CI does not depend on file order
         if values.size == 0:
             continue
@@ -107,7 +107,7 @@ def paired(
 
     ``a`` and ``b`` are :func:`select` specs (e.g. ``{"label": "retro(w=2)"}`` and
     ``{"method": "quest"}``). Returns one row per group where both sides share a sample:
-    ``by`` columns, n (pairs), mean, std, ci_low, ci_high (:func:`retrobench.metrics.paired_difference`),
+    ``by`` columns, n (pairs), mean, std, ci_low, ci_high (:func:`retrobench.store.metrics.paired_difference`),
     ``label_a`` / ``label_b`` (the labels on each side). A sample key present in two ``a`` (or two
     ``b``) runs of one group is ambiguous and raises ``ValueError``: narrow the spec or add ``by``.
     """
@@ -119,11 +119,11 @@ def paired(
     if metric not in samples.columns or side_a.empty or side_b.empty:
         return pd.DataFrame(columns=columns)
     rows = []
-    for group_key, group_a in _groups(side_a, by):
-        group_b = select(side_b, dict(zip(by, [_none(v) for v in group_key]))) if by else side_b
+    for group_key, group_a in groups(side_a, by):
+        group_b = select(side_b, dict(zip(by, [none_if_nan(v) for v in group_key]))) if by else side_b
         if by:  # select() ignores None values: NaN keys must match NaN explicitly
             for col, value in zip(by, group_key):
-                if _none(value) is None:
+                if none_if_nan(value) is None:
                     group_b = group_b[group_b[col].isna()]
         if group_b.empty:
             continue
@@ -167,7 +167,7 @@ def paired_vs_base(samples: Any, metric: str, by: Sequence[str] = (), **kwargs: 
 
     if samples.empty or "method" not in samples.columns:
         return paired(samples, {"method": "retro"}, {"method": "quest"}, metric, by)
-    retro = samples[samples["method"] == "retro"]
+    retro = samples[samples["base"].notna()] if "base" in samples.columns else samples.iloc[0:0]  # runs over a base
     frames = []
     group_by = [*by, "budget_fraction", "budget_tokens"]
     for label in sorted(retro["label"].dropna().unique()):
@@ -193,7 +193,7 @@ def latency_overhead(frame: Any) -> list[dict[str, Any]]:
     for col in ("window", "budget", "batch", "model", "device"):
         if col not in frame.columns:
             frame[col] = None
-    frame["window"] = _numeric(frame["window"])
+    frame["window"] = numeric(frame["window"])
     retro = frame[frame["method"] == "retro"]
     quest = frame[frame["method"] == "quest"]
     out = []
@@ -202,7 +202,7 @@ def latency_overhead(frame: Any) -> list[dict[str, Any]]:
         spec = dict(zip(keys, rest))
         base = quest
         for col, value in spec.items():
-            base = base[_equal(base[col], _none(value))]
+            base = base[equal(base[col], none_if_nan(value))]
         merged = group.merge(base[["context", "p50_ms"]], on="context", suffixes=("", "_quest"))
         if merged.empty:
             continue
@@ -210,7 +210,7 @@ def latency_overhead(frame: Any) -> list[dict[str, Any]]:
         contexts = sorted(merged["context"].tolist())
         out.append({
             "window": float(window),
-            **{k: _none(v) for k, v in spec.items()},
+            **{k: none_if_nan(v) for k, v in spec.items()},
             "mean_ms": float(diff.mean()),
             "max_ms": float(diff.max()),
             "contexts": len(contexts),

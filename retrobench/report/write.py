@@ -11,11 +11,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from retrobench import results
+from retrobench.store import results
+from retrobench.store.tables import load_runs, load_samples, read_rows
 from retrobench.report import sections
-from retrobench.report.load import _read_rows, read_bench, runs_table, samples_table
-from retrobench.report.markdown import _Writer
-from retrobench.report.sections import _generating
+from retrobench.report.load import read_bench
+from retrobench.report.markdown import Writer
+from retrobench.report.sections import generating
 from retrobench.report.stats import select
 
 
@@ -31,8 +32,8 @@ def write_report(
     matches the store.
     """
     # imported before the out folder is touched, so a missing plotting dependency changes nothing there
-    from retrobench import plots  # noqa: F401
-    from retrobench.paper_numbers import PAPER_NUMBERS, exposure_points  # noqa: F401
+    from retrobench.report import plots  # noqa: F401
+    from retrobench.report.paper_numbers import PAPER_NUMBERS, exposure_points  # noqa: F401
 
     results_dir = Path(results_dir)
     out = Path(out_dir) if out_dir is not None else results_dir / "report"
@@ -42,9 +43,9 @@ def write_report(
             shutil.rmtree(out / sub)
     out.mkdir(parents=True, exist_ok=True)
 
-    runs = runs_table(results_dir)
-    samples = samples_table(results_dir)
-    w = _Writer(out)
+    runs = load_runs(results_dir)
+    samples = load_samples(results_dir)
+    w = Writer(out)
     w.text(
         "# retrobench report",
         f"Store: `{results_dir}` — {len(runs)} finished runs, {len(samples)} samples"
@@ -57,7 +58,7 @@ def write_report(
     )
 
     sections.runs_overview(w, runs, samples)
-    gen = _generating(samples)
+    gen = generating(samples)
     lgb = select(gen, {"task": "longgenbench"})
     sections.longgenbench(w, lgb)
     sections.paper_comparison(w, runs, samples, bench)
@@ -79,10 +80,10 @@ def run_figures(folder: str | Path) -> dict[str, Any]:
     perplexity ratio by position. Empty when the folder has no samples."""
     import pandas as pd
 
-    from retrobench import plots
+    from retrobench.report import plots
 
     folder = Path(folder)
-    rows = _read_rows(folder / results.SAMPLES_FILE)
+    rows = read_rows(folder / results.SAMPLES_FILE)
     figures: dict[str, Any] = {}
     steps = [
         {"sample": r.get("id"), "step": i + 1, "ms": 1000.0 * float(t)}
@@ -104,7 +105,7 @@ def log_run_to_wandb(wandb_run: Any, folder: str | Path) -> list[str]:
     """Log the run's figures (:func:`run_figures`) as images to an open wandb run; returns their names.
 
     The config is logged by ``wandb.init`` and the metrics by the run's summary (see
-    :mod:`retrobench.run`); this adds the plots.
+    :mod:`retrobench.runner.run`); this adds the plots.
     """
     import io
 

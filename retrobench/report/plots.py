@@ -1,6 +1,6 @@
 """Plots over the result tables: each function takes a DataFrame and returns a matplotlib Figure.
 
-The frames are :func:`retrobench.report.samples_table` / :func:`retrobench.report.runs_table`
+The frames are :func:`retrobench.store.load_samples` / :func:`retrobench.store.load_runs`
 (or a benchmark CSV for :func:`latency_vs_context`); the functions aggregate themselves (mean and
 95% bootstrap CI per point, :func:`retrobench.report.summary`), so a notebook can pass a filtered
 table straight in. Figures are created without pyplot on the Agg canvas: no global state, no
@@ -21,12 +21,13 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from retrobench.metrics import bootstrap_ci
-from retrobench.report import BASES, PERCENT, select, summary
+from retrobench.store.metrics import bootstrap_ci
+from retrobench.report.common import PERCENT, metric_scale, short
+from retrobench.report.stats import select, summary
 
 _BUCKET = re.compile(r"^nll_ratio_bucket_(\d+)$")
-#: Method settings a retro run shares with its base (a base run must agree to stand in for w = 1).
-SHARED_WITH_BASE = ("selection", "dense_layers", "min_pages", "budget_fraction", "budget_tokens")
+#: Settings every method records: what a base run must match when the frame lacks ``attrs["settings"]``.
+BUDGETS = ("budget_fraction", "budget_tokens")
 
 
 def _figure(panels: int = 1, width: float = 5.0, height: float = 3.6) -> tuple[Figure, list[Any]]:
@@ -45,10 +46,6 @@ def _empty(message: str) -> Figure:
     return fig
 
 
-def _scale(metric: str) -> float:
-    return 100.0 if metric in PERCENT else 1.0
-
-
 def _ylabel(metric: str) -> str:
     return f"{metric} (%)" if metric in PERCENT else metric
 
@@ -61,7 +58,7 @@ def _facets(df: Any, facet: str | None) -> list[tuple[Any, Any]]:
 
 def _errorbar(ax: Any, stats: Any, x: str, metric: str, label: str, **kwargs: Any) -> None:
     stats = stats.sort_values(x)
-    scale = _scale(metric)
+    scale = metric_scale(metric)
     mean = stats["mean"].to_numpy(float) * scale
     low = stats["ci_low"].to_numpy(float) * scale
     high = stats["ci_high"].to_numpy(float) * scale
@@ -74,12 +71,6 @@ def _errorbar(ax: Any, stats: Any, x: str, metric: str, label: str, **kwargs: An
         label=label,
         **kwargs,
     )
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
 
 
 #: Columns that split a line when they vary within a panel (never pool different settings silently).
@@ -101,7 +92,7 @@ def _series(df: Any, name: str, skip: Sequence[str | None] = (), split: Sequence
     ]
     for col in cols:
         values = [
-            "-" if v is None or (isinstance(v, float) and math.isnan(v)) else _short(v) for v in df[col]
+            "-" if v is None or (isinstance(v, float) and math.isnan(v)) else short(v) for v in df[col]
         ]
         base = [f"{b}, {_SHORT_NAMES.get(col, col)}={v}" for b, v in zip(base, values)]
     df["_series"] = base
@@ -180,37 +171,49 @@ def _strip_window(label: str) -> str:
     return f"{method}({', '.join(parts)})" if parts else method
 
 
+def _shared_settings(df: Any, method: str, base: str) -> list[str]:
+    """The setting columns both ``method`` and its ``base`` recorded (``df.attrs["settings"]``, set by
+    the store's reader): what a base run must agree on to stand in for w = 1."""
+    recorded = df.attrs.get("settings") or {}
+    if not recorded:
+        return [c for c in BUDGETS if c in df.columns]
+    return [c for c in recorded.get(method, ()) if c in recorded.get(base, ()) and c in df.columns]
+
+
 def window_frame(df: Any) -> Any:
-    """Rows for window plots: retro rows with their ``window``, plus each retro variant's base runs
-    (same shared settings and budget) as ``window = 1``; ``series`` names the retro variant
-    (its label without ``w=``), e.g. ``retro`` or ``retro(past_query=cached)``."""
+    """Rows for window plots: the rows of runs that recorded a base method and a window (retro), plus
+    each variant's base runs (same shared settings and budget) as ``window = 1``; ``series`` names the
+    variant (its label without ``w=``), e.g. ``retro`` or ``retro(past_query=cached)``."""
     import pandas as pd
 
-    if df.empty or "method" not in df.columns:
+    if df.empty or not {"method", "base", "window"} <= set(df.columns):
         return df.assign(series=pd.Series(dtype=object)).iloc[0:0]
-    retro = df[df["method"] == "retro"].copy()
-    if retro.empty:
-        return retro.assign(series=pd.Series(dtype=object))
-    retro["series"] = [_strip_window(v) for v in retro["label"]]
-    frames = [retro]
-    shared = [c for c in SHARED_WITH_BASE if c in df.columns]
+    wrapped = df[df["base"].notna() & df["window"].notna()].copy()
+    if wrapped.empty:
+        return wrapped.assign(series=pd.Series(dtype=object))
+    wrapped["series"] = [_strip_window(v) for v in wrapped["label"]]
+    frames = [wrapped]
     same = [c for c in ("model", "task", "dataset", "num_questions") if c in df.columns]  # same experiment
-    for (series, base, *values), _ in retro.groupby(
-        ["series", "base", *shared, *same], dropna=False, sort=True
-    ):
-        if base not in BASES:
-            continue
-        base_rows = df[df["method"] == base]
-        for col, value in zip([*shared, *same], values):
-            if value is None or (isinstance(value, float) and math.isnan(value)):
-                if col.startswith("budget") or col in same:
-                    base_rows = base_rows[base_rows[col].isna()]
-                continue  # a retro setting left to the base's default (null) accepts any base value
-            base_rows = select(base_rows, {col: value})
-        if not base_rows.empty:
-            frames.append(base_rows.assign(window=1.0, series=series))
+    for (method, base), pair in wrapped.groupby(["method", "base"], sort=True):
+        shared = _shared_settings(df, str(method), str(base))
+        for (series, *values), _ in pair.groupby(["series", *shared, *same], dropna=False, sort=True):
+            _add_base_rows(df, frames, str(base), series, [*shared, *same], values, same)
     out = pd.concat(frames, ignore_index=True)
     return out
+
+
+def _add_base_rows(df: Any, frames: list[Any], base: str, series: Any, columns: list[str], values: list[Any],
+                   same: list[str]) -> None:
+    """Append the ``base`` runs that agree with one variant's ``values`` of ``columns`` as w = 1."""
+    base_rows = df[df["method"] == base]
+    for col, value in zip(columns, values):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            if col.startswith("budget") or col in same:
+                base_rows = base_rows[base_rows[col].isna()]
+            continue  # a setting left to the base's default (null) accepts any base value
+        base_rows = select(base_rows, {col: value})
+    if not base_rows.empty:
+        frames.append(base_rows.assign(window=1.0, series=series))
 
 
 def _window_plot(
@@ -228,7 +231,7 @@ def _window_plot(
             _errorbar(ax, summary(group, ["window"], metric), "window", metric, str(name))
         windows = sorted(part["window"].dropna().unique())
         ax.set_xscale("log", base=2)
-        ax.set_xticks(windows, [_short(float(w)) for w in windows])
+        ax.set_xticks(windows, [short(float(w)) for w in windows])
         ax.set_xlabel("retrospective window w (1 = base method)")
         ax.set_ylabel(ylabel)
         ax.set_title(f"{facet}={value}" if value is not None else f"{metric} vs window")
@@ -251,7 +254,7 @@ def accuracy_vs_window(df: Any, metric: str = "accuracy", facet: str | None = No
 def exposure_vs_window(df: Any, paper: bool = True, facet: str | None = None) -> Figure:
     """Effective KV exposure (mean, 95% CI) against w, with the paper's ≈1.17 (w=2) and ≈1.6 (w=8)
     marked when ``paper``."""
-    from retrobench.paper_numbers import exposure_points
+    from retrobench.report.paper_numbers import exposure_points
 
     out = _window_plot(df, "exposure", facet, "effective KV exposure (x own selection)",
                        split=("model", "budget_fraction", "budget_tokens"))  # fmt: skip
@@ -276,7 +279,7 @@ def exposure_vs_accuracy(df: Any, metric: str = "accuracy", hue: str = "label") 
     if df.empty:
         return _empty(f"no rows with exposure and {metric}")
     fig, (ax,) = _figure()
-    scale = _scale(metric)
+    scale = metric_scale(metric)
     for name, group in df.groupby(hue, dropna=False, sort=True):
         xs, ys, lo, hi = [], [], [], []
         for _, run in group.groupby("run", sort=True):
@@ -367,9 +370,9 @@ def latency_series(frame: Any) -> Any:
         window = row.get("window")
         has_window = window is not None and not (isinstance(window, float) and math.isnan(window))
         if has_window and (name == "retro" or float(window) > 1):
-            name += f" w={_short(float(window))}"
+            name += f" w={short(float(window))}"
         if budgets > 1 and row.get("budget") is not None:
-            name += f" b={_short(row['budget'])}"
+            name += f" b={short(row['budget'])}"
         names.append(name)
     frame["series"] = names
     return frame
@@ -398,7 +401,7 @@ def latency_vs_context(frame: Any, metric: str = "p50_ms", facet: str | None = N
         ax.set_xscale("log", base=2)
         contexts = sorted(part["context"].dropna().unique())
         ax.set_xticks(
-            contexts, [f"{int(c) // 1024}K" if c % 1024 == 0 else _short(float(c)) for c in contexts]
+            contexts, [f"{int(c) // 1024}K" if c % 1024 == 0 else short(float(c)) for c in contexts]
         )
         ax.minorticks_off()
         ax.set_xlabel("context (tokens)")
@@ -431,12 +434,12 @@ def paired_differences(diff: Any, metric: str = "accuracy", by: str | Sequence[s
     label_a, label_b) as points with 95% CIs, zero marked; in pp for percent metrics."""
     if diff.empty:
         return _empty("no paired differences")
-    scale = _scale(metric)
+    scale = metric_scale(metric)
     by = [by] if isinstance(by, str) else list(by or [])
     names = []
     for _, row in diff.iterrows():
         parts = [f"{row['label_a']} − {row['label_b']}"]
-        parts += [f"{_SHORT_NAMES.get(c, c)}={_short(row[c])}" for c in by + ["num_questions", "budget_fraction"]
+        parts += [f"{_SHORT_NAMES.get(c, c)}={short(row[c])}" for c in by + ["num_questions", "budget_fraction"]
                   if c in diff.columns
                   and row[c] is not None and not (isinstance(row[c], float) and math.isnan(row[c]))]  # fmt: skip
         names.append(", ".join(dict.fromkeys(parts)))

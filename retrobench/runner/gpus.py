@@ -124,24 +124,6 @@ def claim(
         time.sleep(poll_s)
 
 
-def gpu_info(device: str) -> dict[str, Any]:
-    """Index, name, UUID and memory of the CUDA device ``device`` (``cuda`` = the current one)."""
-    import torch
-
-    if not str(device).startswith("cuda") or not torch.cuda.is_available():
-        return {}
-    index = torch.device(device).index
-    index = torch.cuda.current_device() if index is None else index
-    props = torch.cuda.get_device_properties(index)
-    uuid = getattr(props, "uuid", None)
-    return {
-        "gpu_index": index,
-        "gpu_name": props.name,
-        "gpu_uuid": f"GPU-{uuid}" if uuid is not None and not str(uuid).startswith("GPU-") else uuid,
-        "gpu_memory_gb": round(props.total_memory / 2**30, 1),
-    }
-
-
 @contextlib.contextmanager
 def assigned(cfg: Any) -> Iterator[int | None]:
     """For the ``with`` block, give the job of run config ``cfg`` its own GPU when the pool applies.
@@ -175,7 +157,7 @@ def oversubscribed(count: int | None = None) -> bool:
     """Whether the parallel launcher runs more jobs at once than there are GPUs (joblib ``n_jobs``).
 
     Then a worker that waits for a GPU, or sits idle, must not keep a model on a GPU that another
-    worker may claim next (:func:`retrobench.run.main` frees its cached model after such a job).
+    worker may claim next (:func:`retrobench.runner.run.main` frees its cached model after such a job).
     """
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -197,6 +179,6 @@ def _register_resolver() -> None:
         OmegaConf.register_new_resolver("retrobench_gpus", lambda: max(1, visible_gpus()))
 
 
-_register_resolver()  # imported by retrobench.run, i.e. before Hydra resolves the launcher config
+_register_resolver()  # imported by retrobench.runner.run, i.e. before Hydra resolves the launcher config
 
-__all__ = ["assigned", "claim", "gpu_info", "lock_dir", "oversubscribed", "visible_gpus", "wants_pool"]
+__all__ = ["assigned", "claim", "lock_dir", "oversubscribed", "visible_gpus", "wants_pool"]

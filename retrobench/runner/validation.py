@@ -4,7 +4,7 @@ DESIGN.md "Bad input": every configuration error stops before a model loads, wit
 names the key and the allowed values, and nothing written to the result store. The method and
 task validate themselves when instantiated (their ``__post_init__``); this module adds the engine
 and device settings, the context length against the model's limit, the model's files (through
-:func:`retrobench.models.check_model_available`) and the logger. :func:`validate` runs them all
+:func:`retrobench.inputs.models.check_model_available`) and the logger. :func:`validate` runs them all
 in that order and returns the instantiated method and task.
 """
 
@@ -19,15 +19,13 @@ from typing import Any, NoReturn
 
 from omegaconf import DictConfig
 
-from retrobench import gpus
+from retrobench.runner import gpus
 
+from retrobench.conf import ConfigError
 from retrobench.kernels.ops import BACKENDS, resolve_backend
 DTYPES = ("float32", "bfloat16", "float16")
 WANDB_MODES = ("offline", "online", "disabled")
 
-
-class RunConfigError(ValueError):
-    """A run-level setting is invalid; the message names the key and the allowed values."""
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -63,69 +61,59 @@ def _instantiate(node: DictConfig, group: str) -> Any:
                 else []
             )
             key = match.group(1) if match else "?"
-            raise RunConfigError(
+            raise ConfigError(
                 f"{group}.{key} is not a setting of {group}={_choice(group)}; allowed: {', '.join(allowed)}"
             ) from None
-        if isinstance(cause, ValueError):  # ConfigError / TaskConfigError carry the key; add the group's choice
+        if isinstance(cause, ValueError):  # a ConfigError carries the key; add the group's choice
             choice = _choice(group)
             where = f"{group}={choice}"
             text = str(cause) if choice == "?" or where in str(cause) else f"{cause} ({where})"
-            raise RunConfigError(text) from None
-        raise RunConfigError(f"{group}: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(text) from None
+        raise ConfigError(f"{group}: {str(exc).splitlines()[0]}") from None
 
 
 def check_engine(engine: DictConfig, device: str) -> None:
     """Engine and device settings: page size, prefill chunk, backend (and its hardware), dtype."""
-    page_size = engine.get("page_size")
-    if (
-        not isinstance(page_size, int)
-        or isinstance(page_size, bool)
-        or page_size < 1
-        or page_size & (page_size - 1)
-    ):
-        raise RunConfigError(
-            f"engine.page_size must be a power of two (1, 2, 4, ..., 16, ...), got {page_size}"
-        )
-    chunk = engine.get("prefill_chunk")
-    if chunk != "auto" and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
-        raise RunConfigError(f"engine.prefill_chunk must be an integer >= 1 or auto, got {chunk}")
+    from retrobench.engine.engine import check_settings
+
+    check_settings(engine.get("page_size"), engine.get("prefill_chunk"), engine.get("compile", "auto"))
     dtype = engine.get("dtype")
     if dtype is not None and dtype not in DTYPES:
-        raise RunConfigError(
+        raise ConfigError(
             f"engine.dtype={dtype} is not supported; allowed: null (the model's), {', '.join(DTYPES)}"
         )
     if not re.fullmatch(r"cpu|cuda(:\d+)?|auto", str(device)):
-        raise RunConfigError(f"device={device} is not supported; allowed: cpu, cuda, cuda:N, auto")
+        raise ConfigError(f"device={device} is not supported; allowed: cpu, cuda, cuda:N, auto")
     import torch
 
     cuda = torch.cuda.is_available()
     if str(device) != "cpu" and not cuda:
-        raise RunConfigError(
+        raise ConfigError(
             f"device={device} needs a CUDA GPU and none is visible; allowed here: device=cpu"
         )
     backend = engine.get("backend")
     if backend != "auto" and backend not in BACKENDS:
-        raise RunConfigError(f"engine.backend={backend} is not a backend; allowed: auto, {', '.join(BACKENDS)}")
+        raise ConfigError(f"engine.backend={backend} is not a backend; allowed: auto, {', '.join(BACKENDS)}")
     backend = resolve_backend(backend, device)
     if backend == "triton":
         if importlib.util.find_spec("triton") is None:
-            raise RunConfigError(
+            raise ConfigError(
                 "engine.backend=triton needs the triton package; allowed here: engine.backend=torch"
             )
         on_gpu = cuda and str(device).startswith("cuda")
         if not on_gpu and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RunConfigError(
+            raise ConfigError(
                 "engine.backend=triton needs a CUDA GPU (device=cuda) or TRITON_INTERPRET=1 on CPU; "
                 "allowed here: engine.backend=torch"
             )
     batch = engine.get("batch_size", 1)
     if batch != "auto" and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
-        raise RunConfigError(f"engine.batch_size must be an integer >= 1 or auto, got {batch}")
+        raise ConfigError(f"engine.batch_size must be an integer >= 1 or auto, got {batch}")
     temperature, top_p = engine.get("temperature", 0.0), engine.get("top_p", 1.0)
     if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise RunConfigError(f"engine.temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise ConfigError(f"engine.temperature must be >= 0 (0 = greedy), got {temperature}")
     if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise RunConfigError(f"engine.top_p must be in (0, 1], got {top_p}")
+        raise ConfigError(f"engine.top_p must be in (0, 1], got {top_p}")
 
 
 def check_context(cfg: DictConfig, task: Any) -> None:
@@ -136,7 +124,7 @@ def check_context(cfg: DictConfig, task: Any) -> None:
         return
     total = int(context) + int(task.max_new_tokens)
     if total > int(limit):
-        raise RunConfigError(
+        raise ConfigError(
             f"task.context_tokens + task.max_new_tokens = {context} + {task.max_new_tokens} = {total} exceeds "
             f"model.max_context = {limit} (model={cfg.model.get('name')}); lower task.context_tokens or "
             "task.max_new_tokens"
@@ -147,38 +135,38 @@ def check_logger(logger: DictConfig) -> None:
     name = logger.get("name", "none")
     if name == "wandb":
         if importlib.util.find_spec("wandb") is None:
-            raise RunConfigError(
+            raise ConfigError(
                 "logger=wandb needs the wandb package (`pip install wandb`); allowed: logger=none"
             )
         if logger.get("mode") not in WANDB_MODES:
-            raise RunConfigError(
+            raise ConfigError(
                 f"logger.mode={logger.get('mode')} is not a wandb mode; allowed: {', '.join(WANDB_MODES)}"
             )
 
 
 def validate(cfg: DictConfig) -> tuple[Any, Any]:
     """Check every setting before any work; returns ``(method, task)`` or raises a config error."""
-    from retrobench.models import ModelConfigError, check_model_available
+    from retrobench.inputs.models import check_model_available
 
     method = _instantiate(cfg.method, "method")
     task = _instantiate(cfg.task, "task")
     if not isinstance(cfg.get("seed"), int):
-        raise RunConfigError(f"seed must be an integer, got {cfg.get('seed')}")
+        raise ConfigError(f"seed must be an integer, got {cfg.get('seed')}")
     check_engine(cfg.engine, str(cfg.device))
     if cfg.get("gpu_pool", "auto") not in gpus.POOL_VALUES:
-        raise RunConfigError(f"gpu_pool={cfg.get('gpu_pool')} is not allowed; allowed: {gpus.ALLOWED}")
+        raise ConfigError(f"gpu_pool={cfg.get('gpu_pool')} is not allowed; allowed: {gpus.ALLOWED}")
     check_context(cfg, task)
     dtype = cfg.model.get("dtype")
     if dtype is not None and dtype not in DTYPES:
-        raise RunConfigError(
+        raise ConfigError(
             f"model.dtype={dtype} is not supported (model={cfg.model.get('name')}); allowed: {', '.join(DTYPES)}"
         )
     try:
         check_model_available(cfg.model)
-    except ModelConfigError as exc:
-        raise RunConfigError(str(exc)) from None
+    except ConfigError as exc:
+        raise ConfigError(str(exc)) from None
     check_logger(cfg.logger)
     return method, task
 
 
-__all__ = ["RunConfigError", "check_context", "check_engine", "check_logger", "fail", "validate"]
+__all__ = ["ConfigError", "check_context", "check_engine", "check_logger", "fail", "validate"]

@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes: kernel-time sums and kernel counts per kind of kernel.
 
-``python -m retrobench.bench_profile`` (on a GPU) builds the bench's Llama-3.1-8B-shaped random
+``python -m retrobench bench profile`` (on a GPU) builds the bench's Llama-3.1-8B-shaped random
 model, fills a cache as ``bench_decode`` does, and runs a few eager decode steps (the same kernels
 a CUDA graph replays, launched one by one) of full, quest and retro under ``torch.profiler``. Per
 method it writes the GPU kernel time per step, the number of kernels per step, and both split by
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from retrobench.bench_decode import fill_cache, load_random_model, make_method
+from retrobench.drivers.bench_decode import fill_cache, load_random_model, make_method
 from retrobench.engine import Engine
-from retrobench.results import environment
+from retrobench.store.results import environment
 
 #: (kind, substrings of the kernel name), first match wins.
 KINDS = (
@@ -87,7 +87,7 @@ def profile_step(engine: Engine, context: int, batch: int, steps: int) -> dict[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m retrobench.bench_profile", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m retrobench bench profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="results/bench", help="folder for profile.csv and profile.md")
     parser.add_argument("--model", default="llama31_8b_random")
     parser.add_argument("--context", type=int, default=32768)
