@@ -6,8 +6,8 @@ reference over every page. ``dense_attention_sdpa`` gathers each sequence's pref
 PyTorch's ``scaled_dot_product_attention`` (fused kernels on CPU and GPU: no fp32 ``[S, T]`` score
 matrix built op by op; a chunk whose queries are the last S of T positions in every row is
 lower-right causal, run by the flash / memory-efficient kernels without a mask tensor); it is the
-torch backend's ``dense_attention`` and both backends' ``prefill_attention``, proven equal to the
-reference by tests. ``dense_attention`` is the Triton sparse-attention kernel over every page (its LSE dropped).
+torch backend's ``dense_attention`` and, as ``prefill_attention_sdpa``, both backends'
+``prefill_attention``, proven equal to the reference by tests. ``dense_attention`` is the Triton sparse-attention kernel over every page (its LSE dropped).
 A method that needs the prefill LSE (InfLLM's representative scores, TOVA's last row) asks
 ``attend_dense(..., need_lse=True)``, which takes the sparse op.
 
@@ -49,9 +49,17 @@ def dense_attention(q, k_cache, v_cache, page_table, n_pages, q_pos, scaling, pa
     return sparse_paged_attention(q, k_cache, v_cache, page_table, pages, q_pos, scaling, num_units=n_pages)[0]
 
 
-def dense_attention_sdpa(q, k_cache, v_cache, page_table, n_pages, q_pos, scaling, pages=None) -> torch.Tensor:  # noqa: ANN001
+def prefill_attention_sdpa(q, k_cache, v_cache, page_table, n_pages, q_pos, scaling) -> torch.Tensor:  # noqa: ANN001
+    """Both backends' ``prefill_attention``: :func:`dense_attention_sdpa` with a chunk whose queries are
+    the last S of T positions in every row run as lower-right causal attention (no mask tensor).
+    Never under the engine's capture guard (a prefill), which cannot hold the ``CausalBias`` subclass."""
+    return dense_attention_sdpa(q, k_cache, v_cache, page_table, n_pages, q_pos, scaling, lower_right=True)
+
+
+def dense_attention_sdpa(q, k_cache, v_cache, page_table, n_pages, q_pos, scaling, pages=None,  # noqa: ANN001
+                         lower_right=False) -> torch.Tensor:  # fmt: skip
     """PyTorch SDPA over each sequence's gathered prefix (reads positions 0..max(q_pos); may sync;
-    ``pages`` unused)."""
+    ``pages`` unused; ``lower_right``: see :func:`prefill_attention_sdpa`)."""
     B, H, S, D = q.shape
     _, P, H_kv, _ = k_cache.shape
     T = max(1, int(q_pos.max()) + 1)
@@ -66,7 +74,7 @@ def dense_attention_sdpa(q, k_cache, v_cache, page_table, n_pages, q_pos, scalin
         k = k_cache[phys].reshape(B, n * P, H_kv, D)[:, :T].transpose(1, 2)
         v = v_cache[phys].reshape(B, n * P, H_kv, D)[:, :T].transpose(1, 2)
     k, v = k.to(q.dtype), v.to(q.dtype)
-    if torch.equal(q_pos, torch.arange(T - S, T, device=q_pos.device).expand(B, S)):
+    if lower_right and S > 1 and torch.equal(q_pos, torch.arange(T - S, T, device=q_pos.device).expand(B, S)):
         # every row's queries are the last S of its T keys (a prefill chunk): lower-right causal,
         # which PyTorch runs as flash / memory-efficient attention without a mask tensor
         mask = causal_lower_right(S, T)
@@ -82,4 +90,4 @@ def dense_attention_sdpa(q, k_cache, v_cache, page_table, n_pages, q_pos, scalin
     return torch.where(blind, torch.zeros_like(out), out) if bool(blind.any()) else out
 
 
-__all__ = ["dense_attention", "dense_attention_ref", "dense_attention_sdpa"]
+__all__ = ["dense_attention", "dense_attention_ref", "dense_attention_sdpa", "prefill_attention_sdpa"]

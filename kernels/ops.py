@@ -71,7 +71,7 @@ TORCH_OPS = Ops(
     merge_states=merge.merge_states_ref,
     paged_logits=scores.paged_logits_ref,
     dense_attention=dense.dense_attention_sdpa,
-    prefill_attention=dense.dense_attention_sdpa,
+    prefill_attention=dense.prefill_attention_sdpa,
 )
 
 TRITON_OPS = Ops(
@@ -87,7 +87,7 @@ TRITON_OPS = Ops(
     merge_states=merge.merge_states,
     paged_logits=scores.paged_logits,
     dense_attention=dense.dense_attention,
-    prefill_attention=dense.dense_attention_sdpa,
+    prefill_attention=dense.prefill_attention_sdpa,
 )
 
 #: ``engine.prefill_chunk=auto``: prompt tokens per prefill forward by device type. On a GPU a chunk

@@ -15,7 +15,7 @@ from harness import METHOD_CASES, make_case, random_prompt
 from retrobench.engine import Engine
 from retrobench.engine.cache import PagedKVCache
 from retrobench.kernels._testing import assert_close, fresh_seed, needs_kernel_device, poisoned_empty
-from retrobench.kernels.dense import dense_attention, dense_attention_ref, dense_attention_sdpa
+from retrobench.kernels.dense import dense_attention, dense_attention_ref, dense_attention_sdpa, prefill_attention_sdpa
 from retrobench.kernels.ops import TORCH_OPS
 
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
@@ -75,7 +75,7 @@ def test_sdpa_prefill_chunk_equals_reference(shape, dtype, device) -> None:
     q = torch.randn(B, H, S, D, device=device).to(dtype)
     args = (q, cache.k[0], cache.v[0], cache.page_table, n_pages, q_pos, D**-0.5)
     tol = TOL[dtype] if device == "cpu" else {torch.float32: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}[dtype]
-    assert_close("out", dense_attention_sdpa(*args), dense_attention_ref(*args), *tol, seed=seed)
+    assert_close("out", prefill_attention_sdpa(*args), dense_attention_ref(*args), *tol, seed=seed)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
