@@ -7,18 +7,67 @@ chosen. The result lists the forced entry first, then the others by descending s
 by ascending index, then -1 up to the static width ``k_max`` — the order of a stable descending
 sort, so both implementations return identical lists, ties included.
 
-``topk_forced`` (the fast op, used by ``engine.backend=triton``) needs no kernel of its own: it
-packs each fp32 score and its index into one int64 key (the score's bits made order-preserving
-in the high word, the complement of the index in the low word), so one ``torch.topk`` over
-distinct keys returns the stable order exactly, with static shapes and no host synchronisation
-(CUDA-graph capturable). ``topk_forced_ref`` is the definition: a stable sort.
+Both fast versions pack each fp32 score and its index into one int64 key (the score's bits made
+order-preserving in the high word, the complement of the index in the low word), so the keys are
+distinct and their descending order is the stable order exactly:
+
+* ``topk_forced_sort`` (Triton): one program per (sequence, selection head) loads the row, builds the
+  keys, sorts them in registers (``tl.sort``, bitonic) and writes the list: one launch where the
+  PyTorch version takes about twenty (key packing, forced scatter, ``torch.topk``'s gather and radix
+  sort, masks, concatenation). Rows up to :data:`SORT_MAX` entries (256K tokens at page 16).
+* ``topk_forced_packed`` (PyTorch): the same keys through one ``torch.topk``, for any row length.
+
+``topk_forced`` (the op of ``engine.backend=triton``) takes the kernel where it can run and the row
+fits, else the packed version; both are static-shape and sync-free (CUDA-graph capturable).
+``topk_forced_ref`` is the definition: a stable sort.
 """
 
 from __future__ import annotations
 
 import torch
 
+from retrobench.kernels._triton import HAS_TRITON, next_pow2, require_triton, tl, triton, triton_usable
+
 LOW_MASK = 0xFFFFFFFF
+SORT_MAX = 16384  # longest row the sorting kernel holds in registers (N pages / tokens)
+NEG_INF_ORDERED = -2139095041  # the order-preserving int32 of -inf's bits (0xFF800000 ^ 0x7FFFFFFF)
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _topk_forced_sort_kernel(
+        Scores, K, Forced, Out,
+        stride_sb, stride_sh, stride_ob, stride_oh,
+        H_sel, N, k_max,
+        HAS_FORCED: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """One program per (b, selection head): keys of the row, a descending sort, the list."""
+        pid = tl.program_id(0)
+        b = pid // H_sel
+        h = pid % H_sel
+        n = tl.arange(0, BLOCK_N)
+        s = tl.load(Scores + b * stride_sb + h * stride_sh + n, mask=n < N, other=float("-inf")).to(tl.float32)
+        s = tl.where(s == 0.0, 0.0, s)  # -0.0 -> +0.0: equal floats get equal keys
+        bits = s.to(tl.int32, bitcast=True)
+        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        keys = (ordered.to(tl.int64) << 32) | (4294967295 - n.to(tl.int64))
+        lowest = -9223372036854775807 - 1
+        keys = tl.where(n < N, keys, lowest)
+        k = tl.minimum(tl.load(K + b).to(tl.int32), k_max)
+        lead = 0
+        out = Out + b * stride_ob + h * stride_oh
+        if HAS_FORCED:
+            f = tl.load(Forced + b).to(tl.int32)
+            keys = tl.where(n == f, lowest, keys)  # set aside: listed first, never again
+            lead = 1
+            tl.store(out, f)
+        keys = tl.sort(keys, 0, descending=True)
+        high = (keys >> 32).to(tl.int32)
+        index = (4294967295 - (keys & 4294967295)).to(tl.int32)
+        keep = (n < k - lead) & (high > -2139095041)  # within k, score above -inf
+        tl.store(out + lead + n, tl.where(keep, index, -1), mask=n < k_max - lead)
+        for start in range(lead + BLOCK_N, k_max, BLOCK_N):  # a list wider than the row: -1 past it
+            tl.store(out + start + n, tl.full([BLOCK_N], -1, tl.int32), mask=start + n < k_max)
 
 
 def _check(scores: torch.Tensor, k: torch.Tensor, k_max: int, forced: torch.Tensor | None) -> None:
@@ -43,7 +92,40 @@ def _order_keys(scores: torch.Tensor) -> torch.Tensor:
 def topk_forced(
     scores: torch.Tensor, k: torch.Tensor, k_max: int, forced: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The forced entry plus the top ``k[b] - 1`` others (or the top ``k[b]``), static width ``k_max``.
+    """The forced entry plus the top ``k[b] - 1`` others (or the top ``k[b]``), static width ``k_max``:
+    :func:`topk_forced_sort` where Triton can run and the row fits (``N <= SORT_MAX``), else
+    :func:`topk_forced_packed`. Parameters and result as :func:`topk_forced_packed`."""
+    if triton_usable(scores) and scores.shape[-1] <= SORT_MAX:
+        return topk_forced_sort(scores, k, k_max, forced)
+    return topk_forced_packed(scores, k, k_max, forced)
+
+
+def topk_forced_sort(
+    scores: torch.Tensor, k: torch.Tensor, k_max: int, forced: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`topk_forced_packed` as one Triton kernel (rows of at most :data:`SORT_MAX` entries)."""
+    _check(scores, k, k_max, forced)
+    B, H_sel, N = scores.shape
+    if N > SORT_MAX:
+        raise ValueError(f"topk_forced_sort holds rows of at most {SORT_MAX} entries, got {N}")
+    require_triton(scores, "topk_forced_sort")
+    scores = scores.contiguous()
+    k = k.to(device=scores.device).contiguous()
+    out = torch.empty(B, H_sel, k_max, dtype=torch.int32, device=scores.device)
+    block = max(16, next_pow2(N))
+    forced_t = k if forced is None else forced.to(device=scores.device).contiguous()  # unread without forced
+    _topk_forced_sort_kernel[(B * H_sel,)](
+        scores, k, forced_t, out, scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
+        H_sel, N, k_max, HAS_FORCED=forced is not None, BLOCK_N=block, num_warps=min(16, max(4, block // 256)),
+    )  # fmt: skip
+    return out
+
+
+def topk_forced_packed(
+    scores: torch.Tensor, k: torch.Tensor, k_max: int, forced: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The forced entry plus the top ``k[b] - 1`` others (or the top ``k[b]``), static width ``k_max``,
+    through one ``torch.topk`` over the packed keys (any row length, any device).
 
     Parameters
     ----------

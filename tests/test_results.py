@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from retrobench.store import load_runs, load_samples, results
 from retrobench.cli import conf_dir
+from retrobench.kernels.ops import PREFILL_CHUNK
 from retrobench.store.metrics import aggregate, bootstrap_ci, summarize
 
 
@@ -29,7 +30,7 @@ def test_hash_is_stable_and_ignores_non_semantic_keys() -> None:
     assert torch_hash == base  # the device alone never changes the hash; auto settings hash as what they pick:
     assert results.run_hash(_cfg("engine.prefill_chunk=512")) == base  # prefill_chunk=auto is 512 on CPU
     assert results.run_hash(_cfg("engine.backend=torch", "device=cuda")) == results.run_hash(
-        _cfg("engine.backend=torch", "device=cuda", "engine.prefill_chunk=8192"))  # and 8192 on a GPU  # fmt: skip
+        _cfg("engine.backend=torch", "device=cuda", f"engine.prefill_chunk={PREFILL_CHUNK['cuda']}"))  # GPU's  # fmt: skip
     assert results.run_hash(_cfg("engine.compile=true")) == base  # compiled layers: speed, not results
     # engine.backend=auto on a GPU is the triton backend: the same folder as asking for triton there
     triton = results.run_hash(_cfg("engine.backend=triton", "device=cuda"))

@@ -108,7 +108,7 @@ class Engine:
     model: a transformers causal LM with RoPE attention (Llama, Mistral, Qwen2...).
     method: a :class:`retrobench.methods.base.Method`.
     page_size: P, a power of two.
-    prefill_chunk: prompt tokens per dense prefill forward, or ``auto`` (512 on CPU, 8192 on a CUDA
+    prefill_chunk: prompt tokens per dense prefill forward, or ``auto`` (512 on CPU, 32768 on a CUDA
         device: :data:`retrobench.kernels.ops.PREFILL_CHUNK`).
     backend: ``torch`` (the ops' PyTorch references), ``triton`` (the Triton kernels: a CUDA GPU,
         or CPU under ``TRITON_INTERPRET=1``) or ``auto`` (triton on a CUDA model, else torch).
