@@ -11,10 +11,13 @@ Both fast versions pack each fp32 score and its index into one int64 key (the sc
 order-preserving in the high word, the complement of the index in the low word), so the keys are
 distinct and their descending order is the stable order exactly:
 
-* ``topk_forced_sort`` (Triton): one program per (sequence, selection head) loads the row, builds the
-  keys, sorts them in registers (``tl.sort``, bitonic) and writes the list: one launch where the
-  PyTorch version takes about twenty (key packing, forced scatter, ``torch.topk``'s gather and radix
-  sort, masks, concatenation). Rows up to :data:`SORT_MAX` entries (256K tokens at page 16).
+* ``topk_forced_rank`` (Triton): an entry's slot in the list is its rank, the number of entries whose
+  key is larger, so programs over (row, block of entries) count, tile by tile, and write each
+  chosen entry straight to its slot: one launch where the PyTorch version takes about twenty (key
+  packing, forced scatter, ``torch.topk``'s gather and radix sort, masks, concatenation), and the
+  work spreads over the whole GPU even at batch 1 (a row per program, sorting in registers, took
+  30 us per call at 2048 entries on an H200). The counting grows as N²: rows up to
+  :data:`RANK_MAX` entries (256K tokens at page 16).
 * ``topk_forced_packed`` (PyTorch): the same keys through one ``torch.topk``, for any row length.
 
 ``topk_forced`` (the op of ``engine.backend=triton``) takes the kernel where it can run and the row
@@ -26,48 +29,62 @@ from __future__ import annotations
 
 import torch
 
-from retrobench.kernels._triton import HAS_TRITON, next_pow2, require_triton, tl, triton, triton_usable
+from retrobench.kernels._triton import HAS_TRITON, require_triton, tl, triton, triton_usable
 
 LOW_MASK = 0xFFFFFFFF
-SORT_MAX = 16384  # longest row the sorting kernel holds in registers (N pages / tokens)
-NEG_INF_ORDERED = -2139095041  # the order-preserving int32 of -inf's bits (0xFF800000 ^ 0x7FFFFFFF)
+RANK_MAX = 16384  # longest row the rank kernel takes (N pages / tokens): its work grows as N^2
+BLOCK_I, BLOCK_J = 64, 128
 
 if HAS_TRITON:
 
     @triton.jit
-    def _topk_forced_sort_kernel(
+    def _ordered(Row, n, N, f):
+        """Order-preserving int32 of each fp32 score (-0.0 as +0.0) and whether it may be chosen
+        (inside the row, not the forced entry ``f``, above -inf)."""
+        s = tl.load(Row + n, mask=n < N, other=float("-inf")).to(tl.float32)
+        s = tl.where(s == 0.0, 0.0, s)  # equal floats get equal keys
+        bits = s.to(tl.int32, bitcast=True)
+        o = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        return o, (n < N) & (n != f) & (o > -2139095041)  # -2139095041: -inf ordered
+
+    @triton.jit
+    def _topk_forced_rank_kernel(
         Scores, K, Forced, Out,
         stride_sb, stride_sh, stride_ob, stride_oh,
         H_sel, N, k_max,
-        HAS_FORCED: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_FORCED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
     ):  # fmt: skip
-        """One program per (b, selection head): keys of the row, a descending sort, the list."""
-        pid = tl.program_id(0)
-        b = pid // H_sel
-        h = pid % H_sel
-        n = tl.arange(0, BLOCK_N)
-        s = tl.load(Scores + b * stride_sb + h * stride_sh + n, mask=n < N, other=float("-inf")).to(tl.float32)
-        s = tl.where(s == 0.0, 0.0, s)  # -0.0 -> +0.0: equal floats get equal keys
-        bits = s.to(tl.int32, bitcast=True)
-        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        keys = (ordered.to(tl.int64) << 32) | (4294967295 - n.to(tl.int64))
-        lowest = -9223372036854775807 - 1
-        keys = tl.where(n < N, keys, lowest)
-        k = tl.minimum(tl.load(K + b).to(tl.int32), k_max)
-        lead = 0
+        """Program (row, block of entries): each entry's rank among the row's choosable entries (score
+        descending, index ascending) by counting the entries before it, tile by tile; an entry of rank
+        r < k - lead goes to slot lead + r. The block's slots past the chosen ones get -1."""
+        row = tl.program_id(0)
+        b = row // H_sel
+        h = row % H_sel
+        Row = Scores + b * stride_sb + h * stride_sh
         out = Out + b * stride_ob + h * stride_oh
+        f = -1
+        lead = 0
         if HAS_FORCED:
             f = tl.load(Forced + b).to(tl.int32)
-            keys = tl.where(n == f, lowest, keys)  # set aside: listed first, never again
             lead = 1
-            tl.store(out, f)
-        keys = tl.sort(keys, 0, descending=True)
-        high = (keys >> 32).to(tl.int32)
-        index = (4294967295 - (keys & 4294967295)).to(tl.int32)
-        keep = (n < k - lead) & (high > -2139095041)  # within k, score above -inf
-        tl.store(out + lead + n, tl.where(keep, index, -1), mask=n < k_max - lead)
-        for start in range(lead + BLOCK_N, k_max, BLOCK_N):  # a list wider than the row: -1 past it
-            tl.store(out + start + n, tl.full([BLOCK_N], -1, tl.int32), mask=start + n < k_max)
+        k = tl.minimum(tl.load(K + b).to(tl.int32), k_max) - lead
+        i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+        o_i, ok_i = _ordered(Row, i, N, f)
+        rank = tl.zeros([BLOCK_I], tl.int32)
+        n_ok = 0
+        for j0 in range(0, N, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            o_j, ok_j = _ordered(Row, j, N, f)
+            before = (o_j[None, :] > o_i[:, None]) | ((o_j[None, :] == o_i[:, None]) & (j[None, :] < i[:, None]))
+            rank += tl.sum((before & ok_j[None, :]).to(tl.int32), 1)
+            n_ok += tl.sum(ok_j.to(tl.int32), 0)
+        chosen = ok_i & (rank < k)
+        tl.store(out + lead + rank, i, mask=chosen)
+        filled = tl.minimum(k, n_ok)  # slots [lead, lead + filled) hold the chosen entries
+        tl.store(out + lead + i, tl.full([BLOCK_I], -1, tl.int32), mask=(i >= filled) & (i < k_max - lead))
+        if HAS_FORCED:
+            if tl.program_id(1) == 0:
+                tl.store(out, f)
 
 
 def _check(scores: torch.Tensor, k: torch.Tensor, k_max: int, forced: torch.Tensor | None) -> None:
@@ -93,30 +110,30 @@ def topk_forced(
     scores: torch.Tensor, k: torch.Tensor, k_max: int, forced: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The forced entry plus the top ``k[b] - 1`` others (or the top ``k[b]``), static width ``k_max``:
-    :func:`topk_forced_sort` where Triton can run and the row fits (``N <= SORT_MAX``), else
+    :func:`topk_forced_rank` where Triton can run and the row fits (``N <= RANK_MAX``), else
     :func:`topk_forced_packed`. Parameters and result as :func:`topk_forced_packed`."""
-    if triton_usable(scores) and scores.shape[-1] <= SORT_MAX:
-        return topk_forced_sort(scores, k, k_max, forced)
+    if triton_usable(scores) and scores.shape[-1] <= RANK_MAX:
+        return topk_forced_rank(scores, k, k_max, forced)
     return topk_forced_packed(scores, k, k_max, forced)
 
 
-def topk_forced_sort(
+def topk_forced_rank(
     scores: torch.Tensor, k: torch.Tensor, k_max: int, forced: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """:func:`topk_forced_packed` as one Triton kernel (rows of at most :data:`SORT_MAX` entries)."""
+    """:func:`topk_forced_packed` as one Triton kernel (rows of at most :data:`RANK_MAX` entries)."""
     _check(scores, k, k_max, forced)
     B, H_sel, N = scores.shape
-    if N > SORT_MAX:
-        raise ValueError(f"topk_forced_sort holds rows of at most {SORT_MAX} entries, got {N}")
-    require_triton(scores, "topk_forced_sort")
+    if N > RANK_MAX:
+        raise ValueError(f"topk_forced_rank takes rows of at most {RANK_MAX} entries, got {N}")
+    require_triton(scores, "topk_forced_rank")
     scores = scores.contiguous()
     k = k.to(device=scores.device).contiguous()
     out = torch.empty(B, H_sel, k_max, dtype=torch.int32, device=scores.device)
-    block = max(16, next_pow2(N))
     forced_t = k if forced is None else forced.to(device=scores.device).contiguous()  # unread without forced
-    _topk_forced_sort_kernel[(B * H_sel,)](
+    grid = (B * H_sel, triton.cdiv(max(N, k_max), BLOCK_I))
+    _topk_forced_rank_kernel[grid](
         scores, k, forced_t, out, scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
-        H_sel, N, k_max, HAS_FORCED=forced is not None, BLOCK_N=block, num_warps=min(16, max(4, block // 256)),
+        H_sel, N, k_max, HAS_FORCED=forced is not None, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, num_warps=4,
     )  # fmt: skip
     return out
 

@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
             if cuda and (context, batch) not in measured:
                 measured.add((context, batch))
                 kernel_row(emit, spec, context, batch, dtype, timer)
+                topk_rows(emit, spec, context, batch, timer)
             method = make_method(name, budget, window, dense_layers=2)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -358,6 +359,25 @@ def kernel_row(emit, spec: ModelSpec, context: int, batch: int, dtype: torch.dty
     kv = batch * context * 2 * spec.num_kv_heads * spec.head_dim * k.element_size()
     emit({"op": "attn_kernel", "method": "full", "context": context, "batch": batch, "budget": "-", "window": 1,
           **percentiles(ms), "bytes": kv, "gbps": kv / (statistics.median(ms) * 1e-3) / 1e9})  # fmt: skip
+
+
+def topk_rows(emit, spec: ModelSpec, context: int, batch: int, timer, budget_tokens: int = 2048) -> None:
+    """One layer's page top-k (Quest's selection at ``budget_tokens``): the rank kernel, when the row
+    fits it, against the packed ``torch.topk`` version, side by side."""
+    from retrobench.kernels import topk
+
+    n = math.ceil(context / spec.page_size)
+    k_max = min(n, math.ceil(budget_tokens / spec.page_size))
+    scores = torch.randn(batch, spec.num_kv_heads, n, device="cuda")
+    k = torch.full((batch,), k_max, device="cuda")
+    forced = torch.full((batch,), n - 1, device="cuda")
+    impls = {"topk_packed": topk.topk_forced_packed}
+    if n <= topk.RANK_MAX:
+        impls["topk_rank"] = topk.topk_forced_rank
+    for op, fn in impls.items():
+        ms = timer(lambda fn=fn: fn(scores, k, k_max, forced), 30, 3)
+        emit({"op": op, "method": "quest", "context": context, "batch": batch, "budget": f"tokens={budget_tokens}",
+              "window": 1, **percentiles(ms)})  # fmt: skip
 
 
 def prefill_rows(emit, model, context: int, timer, compiled: bool) -> None:
