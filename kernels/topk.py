@@ -11,13 +11,14 @@ Both fast versions pack each fp32 score and its index into one int64 key (the sc
 order-preserving in the high word, the complement of the index in the low word), so the keys are
 distinct and their descending order is the stable order exactly:
 
-* ``topk_forced_rank`` (Triton): an entry's slot in the list is its rank, the number of entries whose
-  key is larger, so programs over (row, block of entries) count, tile by tile, and write each
-  chosen entry straight to its slot: one launch where the PyTorch version takes about twenty (key
-  packing, forced scatter, ``torch.topk``'s gather and radix sort, masks, concatenation), and the
-  work spreads over the whole GPU even at batch 1 (a row per program, sorting in registers, took
-  30 us per call at 2048 entries on an H200). The counting grows as N²: rows up to
-  :data:`RANK_MAX` entries (256K tokens at page 16).
+* ``topk_forced_select`` (Triton): one program per (sequence, selection head) holds the row in
+  registers, finds the threshold score by bisection (32 halvings of the ordered ints, ties then
+  taken by ascending index), compacts the chosen entries and gives each its slot by counting the
+  chosen entries before it: one launch where the PyTorch version takes about twenty (key packing,
+  forced scatter, ``torch.topk``'s gather and radix sort, masks, concatenation). Rows up to
+  :data:`SELECT_MAX` entries (256K tokens at page 16). Measured dead ends (H200, 32K context):
+  sorting each row in one program (``tl.sort``) took 30 us per call; ranking every entry by
+  counting over the whole row (N² comparisons spread over the GPU) took 190 us per call at batch 8.
 * ``topk_forced_packed`` (PyTorch): the same keys through one ``torch.topk``, for any row length.
 
 ``topk_forced`` (the op of ``engine.backend=triton``) takes the kernel where it can run and the row
@@ -29,11 +30,10 @@ from __future__ import annotations
 
 import torch
 
-from retrobench.kernels._triton import HAS_TRITON, require_triton, tl, triton, triton_usable
+from retrobench.kernels._triton import HAS_TRITON, next_pow2, require_triton, tl, triton, triton_usable
 
 LOW_MASK = 0xFFFFFFFF
-RANK_MAX = 16384  # longest row the rank kernel takes (N pages / tokens): its work grows as N^2
-BLOCK_I, BLOCK_J = 64, 128
+SELECT_MAX = 16384  # longest row the selecting kernel holds in registers (N pages / tokens)
 
 if HAS_TRITON:
 
@@ -48,43 +48,60 @@ if HAS_TRITON:
         return o, (n < N) & (n != f) & (o > -2139095041)  # -2139095041: -inf ordered
 
     @triton.jit
-    def _topk_forced_rank_kernel(
-        Scores, K, Forced, Out,
+    def _topk_forced_select_kernel(
+        Scores, K, Forced, Out, Scratch,
         stride_sb, stride_sh, stride_ob, stride_oh,
         H_sel, N, k_max,
-        HAS_FORCED: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+        HAS_FORCED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
     ):  # fmt: skip
-        """Program (row, block of entries): each entry's rank among the row's choosable entries (score
-        descending, index ascending) by counting the entries before it, tile by tile; an entry of rank
-        r < k - lead goes to slot lead + r. The block's slots past the chosen ones get -1."""
+        """One program per (b, selection head), the row in registers: the threshold score by bisection,
+        the chosen entries compacted into scratch, then each one's slot by counting the chosen entries
+        before it (``BLOCK_K``² comparisons, not N²)."""
         row = tl.program_id(0)
         b = row // H_sel
         h = row % H_sel
-        Row = Scores + b * stride_sb + h * stride_sh
         out = Out + b * stride_ob + h * stride_oh
         f = -1
         lead = 0
         if HAS_FORCED:
             f = tl.load(Forced + b).to(tl.int32)
             lead = 1
-        k = tl.minimum(tl.load(K + b).to(tl.int32), k_max) - lead
-        i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
-        o_i, ok_i = _ordered(Row, i, N, f)
-        rank = tl.zeros([BLOCK_I], tl.int32)
-        n_ok = 0
-        for j0 in range(0, N, BLOCK_J):
+            tl.store(out, f)
+        n = tl.arange(0, BLOCK_N)
+        o, ok = _ordered(Scores + b * stride_sb + h * stride_sh, n, N, f)
+        want = tl.minimum(tl.minimum(tl.load(K + b).to(tl.int32), k_max) - lead, tl.sum(ok.to(tl.int32), 0))
+        # the largest t with at least `want` entries scoring >= t (ordered ints: 32 halvings)
+        lo = tl.full([], -2147483648, tl.int64)
+        hi = tl.full([], 2147483647, tl.int64)
+        for _ in range(32):
+            mid = lo + (hi - lo + 1) // 2
+            enough = tl.sum((ok & (o.to(tl.int64) >= mid)).to(tl.int32), 0) >= want
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid - 1)
+        above = ok & (o.to(tl.int64) > lo)
+        tie = (ok & (o.to(tl.int64) == lo)).to(tl.int32)
+        tie_rank = tl.cumsum(tie, 0) - tie  # equal scores: lower index first
+        chosen = above | ((tie > 0) & (tie_rank < want - tl.sum(above.to(tl.int32), 0)))
+        chosen = chosen & (tl.zeros([BLOCK_N], tl.int32) < want)  # want = 0: the bisection ran on nothing
+        c = tl.cumsum(chosen.to(tl.int32), 0) - chosen.to(tl.int32)
+        scratch = Scratch + row * 2 * BLOCK_K
+        tl.store(scratch + c, o, mask=chosen)
+        tl.store(scratch + BLOCK_K + c, n, mask=chosen)
+        tl.debug_barrier()
+        i = tl.arange(0, BLOCK_K)
+        o_i = tl.load(scratch + i, mask=i < want, other=0)
+        n_i = tl.load(scratch + BLOCK_K + i, mask=i < want, other=0)
+        rank = tl.zeros([BLOCK_K], tl.int32)
+        for j0 in range(0, want, BLOCK_J):
             j = j0 + tl.arange(0, BLOCK_J)
-            o_j, ok_j = _ordered(Row, j, N, f)
-            before = (o_j[None, :] > o_i[:, None]) | ((o_j[None, :] == o_i[:, None]) & (j[None, :] < i[:, None]))
-            rank += tl.sum((before & ok_j[None, :]).to(tl.int32), 1)
-            n_ok += tl.sum(ok_j.to(tl.int32), 0)
-        chosen = ok_i & (rank < k)
-        tl.store(out + lead + rank, i, mask=chosen)
-        filled = tl.minimum(k, n_ok)  # slots [lead, lead + filled) hold the chosen entries
-        tl.store(out + lead + i, tl.full([BLOCK_I], -1, tl.int32), mask=(i >= filled) & (i < k_max - lead))
-        if HAS_FORCED:
-            if tl.program_id(1) == 0:
-                tl.store(out, f)
+            o_j = tl.load(scratch + j, mask=j < want, other=0)
+            n_j = tl.load(scratch + BLOCK_K + j, mask=j < want, other=0)
+            before = (o_j[None, :] > o_i[:, None]) | ((o_j[None, :] == o_i[:, None]) & (n_j[None, :] < n_i[:, None]))
+            rank += tl.sum((before & (j < want)[None, :]).to(tl.int32), 1)
+        tl.store(out + lead + rank, n_i, mask=i < want)
+        for p0 in range(0, k_max - lead, BLOCK_K):  # -1 after the chosen entries
+            p = p0 + tl.arange(0, BLOCK_K)
+            tl.store(out + lead + p, tl.full([BLOCK_K], -1, tl.int32), mask=(p >= want) & (p < k_max - lead))
 
 
 def _check(scores: torch.Tensor, k: torch.Tensor, k_max: int, forced: torch.Tensor | None) -> None:
@@ -110,30 +127,33 @@ def topk_forced(
     scores: torch.Tensor, k: torch.Tensor, k_max: int, forced: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The forced entry plus the top ``k[b] - 1`` others (or the top ``k[b]``), static width ``k_max``:
-    :func:`topk_forced_rank` where Triton can run and the row fits (``N <= RANK_MAX``), else
+    :func:`topk_forced_select` where Triton can run and the row fits (``N <= SELECT_MAX``), else
     :func:`topk_forced_packed`. Parameters and result as :func:`topk_forced_packed`."""
-    if triton_usable(scores) and scores.shape[-1] <= RANK_MAX:
-        return topk_forced_rank(scores, k, k_max, forced)
+    if triton_usable(scores) and scores.shape[-1] <= SELECT_MAX:
+        return topk_forced_select(scores, k, k_max, forced)
     return topk_forced_packed(scores, k, k_max, forced)
 
 
-def topk_forced_rank(
+def topk_forced_select(
     scores: torch.Tensor, k: torch.Tensor, k_max: int, forced: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """:func:`topk_forced_packed` as one Triton kernel (rows of at most :data:`RANK_MAX` entries)."""
+    """:func:`topk_forced_packed` as one Triton kernel (rows of at most :data:`SELECT_MAX` entries)."""
     _check(scores, k, k_max, forced)
     B, H_sel, N = scores.shape
-    if N > RANK_MAX:
-        raise ValueError(f"topk_forced_rank takes rows of at most {RANK_MAX} entries, got {N}")
-    require_triton(scores, "topk_forced_rank")
+    if N > SELECT_MAX:
+        raise ValueError(f"topk_forced_select holds rows of at most {SELECT_MAX} entries, got {N}")
+    require_triton(scores, "topk_forced_select")
     scores = scores.contiguous()
     k = k.to(device=scores.device).contiguous()
     out = torch.empty(B, H_sel, k_max, dtype=torch.int32, device=scores.device)
+    block_k = max(16, next_pow2(min(k_max, N)))
+    scratch = torch.empty(B * H_sel, 2, block_k, dtype=torch.int32, device=scores.device)
     forced_t = k if forced is None else forced.to(device=scores.device).contiguous()  # unread without forced
-    grid = (B * H_sel, triton.cdiv(max(N, k_max), BLOCK_I))
-    _topk_forced_rank_kernel[grid](
-        scores, k, forced_t, out, scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
-        H_sel, N, k_max, HAS_FORCED=forced is not None, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, num_warps=4,
+    block_n = max(16, next_pow2(N))
+    _topk_forced_select_kernel[(B * H_sel,)](
+        scores, k, forced_t, out, scratch, scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
+        H_sel, N, k_max, HAS_FORCED=forced is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_J=min(block_k, max(16, 8192 // block_k)), num_warps=min(16, max(4, block_n // 512)),
     )  # fmt: skip
     return out
 

@@ -1,6 +1,6 @@
 """topk_forced (the static-shape op of the triton backend) equals its reference, a stable sort,
 list for list — ties included, since both order equal scores by ascending index: both its
-versions (the rank-counting Triton kernel, the packed-key ``torch.topk``) and the dispatch between them.
+versions (the selecting Triton kernel, the packed-key ``torch.topk``) and the dispatch between them.
 
 Random scores with many exact ties (few distinct values, -0.0 beside +0.0, -inf entries), with
 and without a forced entry, k from 1 to past the valid entries, k_max wider than the row.
@@ -14,9 +14,9 @@ import torch
 
 from retrobench.kernels import topk as topk_mod
 from retrobench.kernels._testing import fresh_seed, needs_kernel_device, poisoned_empty
-from retrobench.kernels.topk import topk_forced, topk_forced_packed, topk_forced_ref, topk_forced_rank
+from retrobench.kernels.topk import topk_forced, topk_forced_packed, topk_forced_ref, topk_forced_select
 
-IMPLS = {"packed": topk_forced_packed, "rank": topk_forced_rank}
+IMPLS = {"packed": topk_forced_packed, "select": topk_forced_select}
 
 
 def tied_scores(B: int, H_sel: int, N: int, valid: list[int]) -> torch.Tensor:
@@ -37,7 +37,7 @@ def tied_scores(B: int, H_sel: int, N: int, valid: list[int]) -> torch.Tensor:
 @pytest.mark.parametrize("h_sel", [1, 3])
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_matches_reference_with_ties(valid, k, k_max, h_sel, forced, impl) -> None:
-    if impl == "rank":
+    if impl == "select":
         needs_kernel_device("cpu")
     seed = fresh_seed()
     B, N = len(valid), max(valid)
@@ -60,7 +60,7 @@ def test_reference_semantics() -> None:
     assert topk_forced_ref(scores, torch.tensor([4]), 5, torch.tensor([1])).tolist() == [[[1, 0, 4, 5, -1]]]
     assert topk_forced_ref(scores, torch.tensor([9]), 6, None).tolist() == [[[0, 4, 5, 2, -1, -1]]]
     for impl in IMPLS.values():
-        if impl is topk_forced_rank and not _kernel_device():
+        if impl is topk_forced_select and not _kernel_device():
             continue
         assert impl(scores, torch.tensor([9]), 6, None).tolist() == [[[0, 4, 5, 2, -1, -1]]]
 
@@ -72,17 +72,17 @@ def _kernel_device() -> bool:
 
 
 def test_dispatch_takes_the_kernel_where_the_row_fits(monkeypatch) -> None:
-    """The op runs the rank kernel where Triton runs and the row fits, else the packed version."""
+    """The op runs the selecting kernel where Triton runs and the row fits, else the packed version."""
     calls = []
-    monkeypatch.setattr(topk_mod, "topk_forced_rank", lambda *a: calls.append("rank") or topk_forced_ref(*a))
+    monkeypatch.setattr(topk_mod, "topk_forced_select", lambda *a: calls.append("select") or topk_forced_ref(*a))
     monkeypatch.setattr(topk_mod, "topk_forced_packed", lambda *a: calls.append("packed") or topk_forced_ref(*a))
     k = torch.tensor([2])
     topk_mod.topk_forced(torch.randn(1, 1, 8), k, 2, None)
-    topk_mod.topk_forced(torch.randn(1, 1, topk_mod.RANK_MAX + 1), k, 2, None)
-    assert calls == (["rank"] if _kernel_device() else ["packed"]) + ["packed"]
+    topk_mod.topk_forced(torch.randn(1, 1, topk_mod.SELECT_MAX + 1), k, 2, None)
+    assert calls == (["select"] if _kernel_device() else ["packed"]) + ["packed"]
 
 
-def test_rank_kernel_long_rows_and_wide_lists() -> None:
+def test_select_kernel_long_rows_and_wide_lists() -> None:
     """Rows of a few hundred entries (several sort stages, odd N) and lists wider than the row."""
     needs_kernel_device("cpu")
     seed = fresh_seed()
@@ -92,7 +92,7 @@ def test_rank_kernel_long_rows_and_wide_lists() -> None:
         forced = torch.tensor([N - 1, 0])
         k_t = torch.tensor(k)
         with poisoned_empty():
-            got = topk_forced_rank(scores, k_t, k_max, forced)
+            got = topk_forced_select(scores, k_t, k_max, forced)
         assert torch.equal(got, topk_forced_ref(scores, k_t, k_max, forced)), f"seed {seed} N {N}"
 
 
@@ -111,4 +111,4 @@ def test_matches_reference_gpu() -> None:
         assert torch.equal(got, want), f"{name} seed {seed}"
     long = torch.randn(1, 8, 8192, device="cuda")  # 128K tokens of pages: the largest block in use
     k = torch.tensor([1229], device="cuda")
-    assert torch.equal(topk_forced_rank(long, k, 1229, None), topk_forced_ref(long, k, 1229, None)), f"seed {seed}"
+    assert torch.equal(topk_forced_select(long, k, 1229, None), topk_forced_ref(long, k, 1229, None)), f"seed {seed}"

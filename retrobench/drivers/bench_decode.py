@@ -362,8 +362,8 @@ def kernel_row(emit, spec: ModelSpec, context: int, batch: int, dtype: torch.dty
 
 
 def topk_rows(emit, spec: ModelSpec, context: int, batch: int, timer, budget_tokens: int = 2048) -> None:
-    """One layer's page top-k (Quest's selection at ``budget_tokens``): the rank kernel, when the row
-    fits it, against the packed ``torch.topk`` version, side by side."""
+    """One layer's page top-k (Quest's selection at ``budget_tokens``): the selecting kernel, when
+    the row fits it, against the packed ``torch.topk`` version, side by side."""
     from retrobench.kernels import topk
 
     n = math.ceil(context / spec.page_size)
@@ -372,8 +372,8 @@ def topk_rows(emit, spec: ModelSpec, context: int, batch: int, timer, budget_tok
     k = torch.full((batch,), k_max, device="cuda")
     forced = torch.full((batch,), n - 1, device="cuda")
     impls = {"topk_packed": topk.topk_forced_packed}
-    if n <= topk.RANK_MAX:
-        impls["topk_rank"] = topk.topk_forced_rank
+    if n <= topk.SELECT_MAX:
+        impls["topk_select"] = topk.topk_forced_select
     for op, fn in impls.items():
         ms = timer(lambda fn=fn: fn(scores, k, k_max, forced), 30, 3)
         emit({"op": op, "method": "quest", "context": context, "batch": batch, "budget": f"tokens={budget_tokens}",
