@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from retrobench.kernels import dense, kv_write, merge, page_meta, paged_attention, quest, scores, topk
+from retrobench.kernels import dense, kv_write, merge, page_meta, paged_attention, quest, retro, scores, topk
 from retrobench.kernels._triton import TritonUnavailable, require_triton
 
 BACKENDS = ("torch", "triton")
@@ -53,6 +53,8 @@ class Ops:
     paged_logits: Callable
     dense_attention: Callable
     prefill_attention: Callable
+    mark_loaded: Callable
+    retro_merge: Callable
 
     def impl(self) -> dict[str, Callable]:
         return {k: v for k, v in vars(self).items() if callable(v)}
@@ -62,7 +64,8 @@ TORCH_OPS = Ops(
     name="torch",
     capturable=False,
     kernels=frozenset({"sparse_attention", "page_scores", "topk_forced", "update_page_minmax", "write_kv",
-                       "merge_states", "paged_logits", "dense_attention", "prefill_attention"}),  # fmt: skip
+                       "merge_states", "paged_logits", "dense_attention", "prefill_attention", "mark_loaded",
+                       "retro_merge"}),  # fmt: skip
     sparse_attention=paged_attention.sparse_paged_attention_ref,
     page_scores=quest.quest_page_scores_ref,
     topk_forced=topk.topk_forced_ref,
@@ -72,13 +75,15 @@ TORCH_OPS = Ops(
     paged_logits=scores.paged_logits_ref,
     dense_attention=dense.dense_attention_sdpa,
     prefill_attention=dense.prefill_attention_sdpa,
+    mark_loaded=retro.mark_loaded_ref,
+    retro_merge=retro.retro_merge_ref,
 )
 
 TRITON_OPS = Ops(
     name="triton",
     capturable=True,
     kernels=frozenset({"sparse_attention", "page_scores", "update_page_minmax", "merge_states", "paged_logits",
-                       "dense_attention", "prefill_attention"}),  # fmt: skip
+                       "dense_attention", "prefill_attention", "mark_loaded", "retro_merge"}),  # fmt: skip
     sparse_attention=paged_attention.sparse_paged_attention,
     page_scores=quest.quest_page_scores,
     topk_forced=topk.topk_forced,
@@ -88,6 +93,8 @@ TRITON_OPS = Ops(
     paged_logits=scores.paged_logits,
     dense_attention=dense.dense_attention,
     prefill_attention=dense.prefill_attention_sdpa,
+    mark_loaded=retro.mark_loaded,
+    retro_merge=retro.retro_merge,
 )
 
 #: ``engine.prefill_chunk=auto``: prompt tokens per prefill forward by device type. On a GPU a chunk

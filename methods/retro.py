@@ -18,8 +18,8 @@ never changes. ``A`` is kept per selection *unit* of the base: per page for page
 (quest, oracle pages: the paper's per-page mask), per token for token-level bases (oracle tokens,
 InfLLM's windows).
 
-Static state, preallocated per request: ``A [L, B, H_sel, units + 1]`` (the last column absorbs
-padding), and the output cache ``[L, B, w-1, ...]``: per past token its merged output and LSE
+Static state, preallocated per request: ``A [L, B, H_sel, units + 1]`` (the last column keeps the
+reference's padding scatter a no-op), and the output cache ``[L, B, w-1, ...]``: per past token its merged output and LSE
 (fp32), its own and exposed key counts per selection head, and its query (``past_query:
 cached``). Slot j holds the token generated ``w-1-j`` steps before the current one; each step the
 oldest leaves (its exposure is recorded) and the current token enters the newest slot. The past
@@ -188,35 +188,23 @@ class RetroMethod(Method):
         q_cur = q[:, :, -1]
         sel = self.selector.select(layer, q_cur, fwd, state.base)
         A = state.last_loaded[layer]
-        units = sel.units.long()
         fwd.acct.keep(layer, "units", sel.units)
         if S == 1:
             out, lse = attend_selection(layer, q, fwd, sel)
         else:
-            fwd.acct.keep(layer, "seen", torch.gather(A, 2, units.clamp(min=0)))  # before this step sets A
             rows = q
             if self.past_query == "cached":  # the queries the past tokens had when they were current
                 past_q = state.query[layer][:, -(S - 1) :].transpose(1, 2).to(q.dtype)
                 rows = torch.cat([past_q, q[:, :, -1:]], dim=2)
             out, lse = attend_selection(layer, rows, fwd, sel, page_step=A, q_step=fwd.q_step)
         self.selector.observe(layer, q_cur, sel, lse[:, :, -1], fwd, state.base)
-        if slots:
-            oc, lc = state.out[layer], state.lse[layer]
-            if S > 1:  # merge each past row's supplement into its cached state; it leaves the layer merged
-                past = slice(slots - (S - 1), slots)
-                m_out, m_lse = fwd.ops.merge_states(
-                    oc[:, past], lc[:, past], out[:, :, :-1].transpose(1, 2).float(), lse[:, :, :-1].transpose(1, 2)
-                )  # fmt: skip
-                oc[:, past] = m_out
-                lc[:, past] = m_lse
-                out = torch.cat([m_out.transpose(1, 2).to(out.dtype), out[:, :, -1:]], dim=2)
-                lse = torch.cat([m_lse.transpose(1, 2), lse[:, :, -1:]], dim=2)
-            state.cur_out[layer] = out[:, :, -1]  # enters the output cache at the end of the step
-            state.cur_lse[layer] = lse[:, :, -1]
+        if slots:  # past rows merged into the output cache (and leave the layer merged); the current row kept
+            fwd.ops.retro_merge(out, lse, state.out[layer], state.lse[layer], state.cur_out[layer], state.cur_lse[layer])
             if state.query is not None:
                 state.cur_query[layer] = q_cur
-        index = torch.where(units < 0, A.shape[-1] - 1, units)
-        A.scatter_(2, index, fwd.step.view(-1, 1, 1).expand_as(index).to(A.dtype))
+        seen = fwd.ops.mark_loaded(A, sel.units, fwd.step)  # A before this step, then A <- step for S_T
+        if S > 1:
+            fwd.acct.keep(layer, "seen", seen)
         return out, lse
 
     def end_step(self, fwd: Forward) -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from harness import make_case as make
 from harness import random_prompt as _prompt
 
 from retrobench.engine import Engine
-from retrobench.kernels import dense, kv_write, merge, page_meta, paged_attention, quest, scores, topk
+from retrobench.kernels import dense, kv_write, merge, page_meta, paged_attention, quest, retro, scores, topk
 from retrobench.kernels._triton import triton_usable
 from retrobench.kernels.ops import TRITON_OPS
 
@@ -34,7 +34,7 @@ KERNEL_OPS = ("sparse_attention", "page_scores", "update_page_minmax", "merge_st
 REFS = {
     paged_attention: "sparse_paged_attention_ref", quest: "quest_page_scores_ref", topk: "topk_forced_ref",
     page_meta: "update_page_minmax_ref", kv_write: "write_kv_ref", merge: "merge_states_ref",
-    scores: "paged_logits_ref", dense: "dense_attention_ref",
+    scores: "paged_logits_ref", dense: "dense_attention_ref", retro: "mark_loaded_ref",
 }  # fmt: skip
 
 
@@ -99,7 +99,8 @@ def assert_equivalent(runs, name: str, atol: float = 1e-4) -> None:
     assert (calls["sparse_attention"] > 0) == (name != "full"), f"{name}: sparse_attention {calls['sparse_attention']}"
     needed = {"page_scores": "quest" in name or name.startswith("retro-quest"),
               "paged_logits": any(k in name for k in ("oracle", "infllm", "tova")),
-              "merge_states": name.startswith("retro"), "update_page_minmax": "quest" in name}  # fmt: skip
+              "mark_loaded": name.startswith("retro"), "retro_merge": name.startswith("retro") and "-w1" not in name,
+              "update_page_minmax": "quest" in name}  # fmt: skip
     for op, used in needed.items():
         assert (calls[op] > 0) == used, f"{name}: {op} called {calls[op]} times"
 

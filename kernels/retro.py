@@ -1,0 +1,217 @@
+"""RetroAttention's per-layer bookkeeping on device, one launch each (``methods/retro.py``).
+
+After the current token's selection and its one sparse-attention call (current row plus the past
+rows of the window), a retro layer has two pieces of upkeep:
+
+* ``mark_loaded``: for every selected unit, read the step it was last loaded (``A``; the past rows'
+  supplement accounting needs it) and set it to the current step. Entries are unique per list,
+  so the kernel's writes never collide; padding (-1) entries read -1 and change nothing.
+* ``retro_merge``: fold each past row's supplementary attention into that token's cached
+  (output, LSE) by log-sum-exp weights, write the merged state back to the cache and into the
+  layer's output (it flows through o_proj), and keep the current row's state for the cache's
+  next slot.
+
+In PyTorch these are about fifteen small kernels per layer (gather, clamp, where, scatter, the
+merge, slice copies, casts, concatenations). The references ``*_ref`` are the definition, in
+plain tensor ops; tests compare both on fresh random inputs. Both functions work in place.
+"""
+
+from __future__ import annotations
+
+import torch
+from retrobench.kernels._triton import HAS_TRITON, next_pow2, require_triton, tl, triton
+from retrobench.kernels.attention_ref import merge_states_ref
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _mark_loaded_kernel(
+        A, Units, Step, Seen, H_sel, K,
+        stride_ab, stride_ah, stride_ub, stride_uh, stride_sb, stride_sh,
+        BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """One program per (b, selection head, block of list entries)."""
+        row = tl.program_id(0)
+        b = row // H_sel
+        h = row % H_sel
+        k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        u = tl.load(Units + b * stride_ub + h * stride_uh + k, mask=k < K, other=-1)
+        valid = (k < K) & (u >= 0)
+        a = A + b * stride_ab + h * stride_ah + u
+        seen = tl.load(a, mask=valid, other=-1)
+        tl.store(Seen + b * stride_sb + h * stride_sh + k, seen, mask=k < K)
+        step = tl.load(Step + b).to(seen.dtype)
+        tl.store(a, tl.zeros([BLOCK_K], seen.dtype) + step, mask=valid)
+
+    @triton.jit
+    def _retro_merge_kernel(
+        Out, Lse, CacheOut, CacheLse, CurOut, CurLse,
+        H, S, slots, D,
+        so_b, so_h, so_s, sl_b, sl_h,
+        sco_b, sco_s, sco_h, scl_b, scl_s,
+        scu_b, scu_h, scul_b,
+        BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """Program (b·H + h, s): row s < S-1 merges into cache slot ``slots - (S-1) + s``; row S-1 is kept."""
+        pid = tl.program_id(0)
+        s = tl.program_id(1)
+        b = pid // H
+        h = pid % H
+        d = tl.arange(0, BLOCK_D)
+        dm = d < D
+        out = Out + b * so_b + h * so_h + s * so_s + d
+        o = tl.load(out, mask=dm, other=0.0).to(tl.float32)
+        lse = tl.load(Lse + b * sl_b + h * sl_h + s).to(tl.float32)
+        if s < S - 1:
+            slot = slots - (S - 1) + s
+            co = CacheOut + b * sco_b + slot * sco_s + h * sco_h + d
+            cl = CacheLse + b * scl_b + slot * scl_s + h
+            oa = tl.load(co, mask=dm, other=0.0).to(tl.float32)
+            sa = tl.load(cl).to(tl.float32)
+            m = tl.maximum(sa, lse)
+            m_ref = tl.where(m == float("-inf"), 0.0, m)
+            wa = tl.exp(sa - m_ref)
+            wb = tl.exp(lse - m_ref)
+            total = wa + wb
+            denom = tl.where(total > 0, total, 1.0)
+            merged = (wa * oa + wb * o) / denom
+            merged_lse = tl.where(total > 0, m_ref + tl.log(denom), float("-inf"))
+            tl.store(co, merged, mask=dm)
+            tl.store(cl, merged_lse)
+            tl.store(out, merged.to(Out.dtype.element_ty), mask=dm)
+            tl.store(Lse + b * sl_b + h * sl_h + s, merged_lse)
+        else:
+            tl.store(CurOut + b * scu_b + h * scu_h + d, o, mask=dm)
+            tl.store(CurLse + b * scul_b + h, lse)
+
+
+def _check_mark(last_loaded: torch.Tensor, units: torch.Tensor, step: torch.Tensor) -> None:
+    if last_loaded.dim() != 3 or units.dim() != 3 or units.shape[:2] != last_loaded.shape[:2]:
+        raise ValueError(f"last_loaded must be [B, H_sel, U] and units [B, H_sel, K], got "
+                         f"{tuple(last_loaded.shape)} and {tuple(units.shape)}")  # fmt: skip
+    if tuple(step.shape) != (units.shape[0],):
+        raise ValueError(f"step must be [B], got {tuple(step.shape)}")
+
+
+def mark_loaded(last_loaded: torch.Tensor, units: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Read and set the last-loaded step of every selected unit, in place (Triton; CUDA or the interpreter).
+
+    Parameters
+    ----------
+    last_loaded : ``[B, H_sel, U]`` int32 ``A`` (any strides but the last), updated in place.
+    units : ``[B, H_sel, K]`` int unit lists, -1 = padding; entries unique per list.
+    step : ``[B]`` int the current step.
+
+    Returns
+    -------
+    ``[B, H_sel, K]`` int32: each entry's ``A`` before this call (-1 for padding).
+    """
+    _check_mark(last_loaded, units, step)
+    require_triton(units, "mark_loaded")
+    if last_loaded.stride(-1) != 1 or units.stride(-1) != 1:
+        raise ValueError("last_loaded and units must be contiguous in their last dimension")
+    B, H_sel, K = units.shape
+    seen = torch.empty(B, H_sel, K, dtype=last_loaded.dtype, device=units.device)
+    block = min(1024, max(16, next_pow2(K)))
+    _mark_loaded_kernel[(B * H_sel, triton.cdiv(K, block))](
+        last_loaded, units, step.contiguous(), seen, H_sel, K,
+        last_loaded.stride(0), last_loaded.stride(1), units.stride(0), units.stride(1), seen.stride(0), seen.stride(1),
+        BLOCK_K=block, num_warps=4,
+    )  # fmt: skip
+    return seen
+
+
+def mark_loaded_ref(last_loaded: torch.Tensor, units: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Reference: gather the selected units' ``A`` (-1 for padding), then scatter the step into them
+    (padding entries scatter the last column's own value back into it: a no-op)."""
+    _check_mark(last_loaded, units, step)
+    u = units.long()
+    valid = u >= 0
+    seen = torch.where(valid, torch.gather(last_loaded, 2, u.clamp(min=0)), -1).to(last_loaded.dtype)
+    last = last_loaded.shape[2] - 1
+    index = torch.where(valid, u, last)
+    keep = last_loaded[:, :, last:].expand_as(index)
+    src = torch.where(valid, step.view(-1, 1, 1).to(last_loaded.dtype).expand_as(index), keep)
+    last_loaded.scatter_(2, index, src)
+    return seen
+
+
+def _check_merge(out, lse, cache_out, cache_lse, cur_out, cur_lse) -> None:
+    B, H, S, D = out.shape
+    slots = cache_out.shape[1]
+    ok = (tuple(lse.shape) == (B, H, S) and cache_out.dim() == 4 and tuple(cache_out.shape) == (B, slots, H, D)
+          and tuple(cache_lse.shape) == (B, slots, H) and tuple(cur_out.shape) == (B, H, D)
+          and tuple(cur_lse.shape) == (B, H) and S - 1 <= slots)  # fmt: skip
+    if not ok:
+        raise ValueError(
+            f"retro_merge: out [B, H, S, D] {tuple(out.shape)}, lse [B, H, S] {tuple(lse.shape)}, cache_out "
+            f"[B, slots >= S-1, H, D] {tuple(cache_out.shape)}, cache_lse [B, slots, H] {tuple(cache_lse.shape)}, "
+            f"cur_out [B, H, D] {tuple(cur_out.shape)}, cur_lse [B, H] {tuple(cur_lse.shape)}"
+        )
+
+
+def retro_merge(
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cache_out: torch.Tensor,
+    cache_lse: torch.Tensor,
+    cur_out: torch.Tensor,
+    cur_lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the past rows' supplements into the output cache and keep the current row (Triton, in place).
+
+    Parameters
+    ----------
+    out : ``[B, H, S, D]`` one layer's attention output (rows 0..S-2: the past tokens' supplements,
+        row S-1: the current token); lse ``[B, H, S]`` fp32. Rows 0..S-2 are replaced by the merged
+        states.
+    cache_out : ``[B, slots, H, D]`` fp32, cache_lse ``[B, slots, H]`` fp32: the output cache; past
+        row s is slot ``slots - (S-1) + s``; those slots are replaced by the merged states.
+    cur_out : ``[B, H, D]`` fp32, cur_lse ``[B, H]`` fp32: receive row S-1.
+
+    Returns
+    -------
+    ``(out, lse)``, the same tensors, updated.
+    """
+    _check_merge(out, lse, cache_out, cache_lse, cur_out, cur_lse)
+    require_triton(out, "retro_merge")
+    for name, t in (("out", out), ("cache_out", cache_out), ("cur_out", cur_out)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"retro_merge: {name} must be contiguous in its last dimension")
+    for name, t in (("lse", lse), ("cache_lse", cache_lse), ("cur_lse", cur_lse)):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            raise ValueError(f"retro_merge: {name} must be contiguous in its last dimension")
+    B, H, S, D = out.shape
+    _retro_merge_kernel[(B * H, S)](
+        out, lse, cache_out, cache_lse, cur_out, cur_lse, H, S, cache_out.shape[1], D,
+        out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        cache_out.stride(0), cache_out.stride(1), cache_out.stride(2), cache_lse.stride(0), cache_lse.stride(1),
+        cur_out.stride(0), cur_out.stride(1), cur_lse.stride(0),
+        BLOCK_D=next_pow2(D), num_warps=1,
+    )  # fmt: skip
+    return out, lse
+
+
+def retro_merge_ref(
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cache_out: torch.Tensor,
+    cache_lse: torch.Tensor,
+    cur_out: torch.Tensor,
+    cur_lse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: :func:`merge_states_ref` of each past row with its cache slot, written to the cache
+    and the output; the current row copied out. In place, like :func:`retro_merge`."""
+    _check_merge(out, lse, cache_out, cache_lse, cur_out, cur_lse)
+    S, slots = out.shape[2], cache_out.shape[1]
+    if S > 1:
+        past = slice(slots - (S - 1), slots)
+        m_out, m_lse = merge_states_ref(cache_out[:, past], cache_lse[:, past], out[:, :, :-1].transpose(1, 2).float(),
+                                        lse[:, :, :-1].transpose(1, 2))  # fmt: skip
+        cache_out[:, past] = m_out
+        cache_lse[:, past] = m_lse.float()
+        out[:, :, :-1] = m_out.transpose(1, 2).to(out.dtype)
+        lse[:, :, :-1] = m_lse.transpose(1, 2).float()
+    cur_out.copy_(out[:, :, -1])
+    cur_lse.copy_(lse[:, :, -1])
+    return out, lse
