@@ -36,9 +36,11 @@ def test_profile_kinds_and_cpu_refusal(capsys) -> None:
     kinds = {name: bench_profile.kind_of(name) for name in (
         "_sparse_paged_attention_kernel", "nvjet_hsh_64x8_64x16_2x1_v_bz_splitK_TNT", "triton_red_fused_add_mean_pow_0",
         "void at::native::vectorized_elementwise_kernel<4, ...>", "void at::native::index_elementwise_kernel<...>",
-        "void at::native::sbtopk::gatherTopK<...>", "something_else")}  # fmt: skip
+        "void at::native::sbtopk::gatherTopK<...>", "something_else", "_retro_merge_kernel", "_topk_forced_select_kernel",
+        "void at::native::(anonymous namespace)::indexSelectSmallIndex<c10::BFloat16, long>")}  # fmt: skip
     assert list(kinds.values()) == ["retrobench triton", "projections (GEMM)", "fused elementwise (inductor)",
-                                    "copy / elementwise", "index / scatter / gather", "top-k / sort", "other"]
+                                    "copy / elementwise", "index / scatter / gather", "top-k / sort", "other",
+                                    "retrobench triton", "top-k / sort", "index / scatter / gather"]
     if not torch.cuda.is_available():
         assert bench_profile.main(["--out", "/nonexistent-unused"]) == 2
         assert "run it on a GPU" in capsys.readouterr().out

@@ -31,11 +31,11 @@ from retrobench.store.results import environment
 #: (kind, substrings of the kernel name), first match wins.
 KINDS = (
     ("retrobench triton", ("_sparse_paged_attention", "_reduce_splits", "_quest_page_scores", "_update_page_minmax",
-                           "_merge_states", "_paged_logits")),
+                           "_merge_states", "_paged_logits", "_mark_loaded", "_retro_merge")),
     ("SDPA attention (prefill)", ("flash", "fmha", "efficient_attention", "attention_kernel")),
     ("projections (GEMM)", ("gemm", "gemv", "cutlass", "nvjet", "xmma", "cublas", "splitk")),
     ("fused elementwise (inductor)", ("triton_",)),
-    ("top-k / sort", ("topk", "sort", "radix", "select")),
+    ("top-k / sort", ("topk", "sort", "radix")),
     ("index / scatter / gather", ("index", "scatter", "gather")),
     ("copy / elementwise", ("elementwise", "copy", "fill", "reduce", "cat", "where")),
 )  # fmt: skip
