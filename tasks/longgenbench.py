@@ -53,7 +53,7 @@ from typing import Any, ClassVar, Optional
 
 from retrobench.conf import ConfigError
 from retrobench.tasks.base import Sample, Task, TextTokenizer
-from retrobench.tasks.longgenbench_data import (
+from retrobench.tasks.lib.longgenbench_data import (
     HUB,
     Item,
     choice_problem,

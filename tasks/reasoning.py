@@ -36,10 +36,10 @@ file order), so different run seeds see different subsets when N is set.
 ``num_samples`` of the base task is not used: a run has num_questions x samples_per_question
 samples.
 
-- ``livecodebench``: LiveCodeBench code generation (:mod:`retrobench.tasks.livecodebench`):
+- ``livecodebench``: LiveCodeBench code generation (:mod:`retrobench.tasks.lib.livecodebench`):
   ``task.version_tag`` and the date window ``task.start_date`` / ``task.end_date`` pick the problems
   (v5's by default), each candidate program is graded in a sandbox
-  (:mod:`retrobench.tasks.sandbox`; ``task.test_timeout_s``, ``task.problem_timeout_s``,
+  (:mod:`retrobench.tasks.lib.sandbox`; ``task.test_timeout_s``, ``task.problem_timeout_s``,
   ``task.memory_mb``). Its scoring runs programs, so the run layer grades its samples in background
   threads (``background_scoring``) while the GPU decodes the next ones.
 """
@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from retrobench.tasks import livecodebench as lcb
+from retrobench.tasks.lib import livecodebench as lcb
 from retrobench.conf import ConfigError
 from retrobench.tasks.base import Sample, Task, TextTokenizer
 from retrobench.tasks.graders import (

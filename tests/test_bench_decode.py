@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 def test_bench_decode_smoke_writes_rows(tmp_path: Path) -> None:
     from retrobench.drivers.bench_decode import main
 
-    assert main(["--smoke", "--iters", "2", "--out", str(tmp_path)]) == 0
+    assert main(["--smoke", "--iters", "1", "--out", str(tmp_path)]) == 0
     rows = list(csv.DictReader((tmp_path / "decode_smoke.csv").open()))
     steps = [r for r in rows if r["op"] == "decode_step"]
     assert {r["method"] for r in steps} == {"full", "quest", "retro", "tova"}

@@ -136,15 +136,29 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path: Path, batch: in
     assert {r["batch_size"] for r in rows[killed:]} == {min(batch, n - killed)}
 
 
+def _run_in_process(*overrides: str) -> None:
+    """``run <overrides>`` as the CLI composes it (budget spellings, checks), executed in this process."""
+    from hydra import compose, initialize_config_dir
+
+    from retrobench import cli
+    from retrobench.runner.run import execute
+
+    prepared, error = cli.prepare_run(list(overrides))
+    assert error is None, error
+    with initialize_config_dir(str(cli.conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=prepared)
+    assert execute(cfg) is not None
+
+
 def test_batched_run_equals_batch_one_and_shares_its_folder(tmp_path: Path) -> None:
     """engine.batch_size changes speed, not results: the same outputs, scores and accounting, the same
-    run folder (the batch size is not part of the run hash), rows in finishing order."""
-    args = ["run", *SMALL, "method=retro", "task.num_samples=5", "task.max_new_tokens=12"]
+    run folder (the batch size is not part of the run hash), rows in finishing order. In this process:
+    the CLI's own runs (batch 1 and 3) are the subprocess tests above."""
+    args = [*SMALL, "method=retro", "task.num_samples=5", "task.max_new_tokens=12"]
     rows = {}
     for batch in (1, 3):
         results = tmp_path / f"b{batch}"
-        done = rb(tmp_path, *args, f"engine.batch_size={batch}", f"results_dir={results}")
-        assert done.returncode == 0, done.stderr
+        _run_in_process(*args, f"engine.batch_size={batch}", f"results_dir={results}")
         folder = _run_folder(results)
         rows[batch] = (folder.name, sorted(_rows(folder), key=lambda r: r["index"]))
         assert json.loads((folder / "metrics.json").read_text())["batch_size"] == batch
@@ -270,22 +284,37 @@ def test_list_help_and_hydra_flags(tmp_path: Path) -> None:
     assert rb(tmp_path, "nope").returncode == 2
 
 
-def test_one_cli_runs_every_driver(tmp_path: Path) -> None:
+def _main(capsys, *args: str) -> tuple[int, str, str]:
+    """``retrobench.cli.main(args)`` in this process: (exit code, stdout, stderr)."""
+    from retrobench import cli
+
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exc:  # argparse's --help in a driver
+        code = 0 if exc.code is None else int(exc.code)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_one_cli_runs_every_driver(tmp_path: Path, capsys) -> None:
     """``reproduce``, ``bench`` and ``study`` are subcommands of the one CLI (the ``python -m
-    retrobench.<driver>`` spellings stay as aliases); each hands its arguments to the driver."""
-    usage = rb(tmp_path, "--help").stdout
+    retrobench.<driver>`` spellings stay as aliases); each hands its arguments to the driver. Through
+    ``cli.main`` in this process: ``python -m retrobench`` itself is started by the tests above (and
+    ``retrobench.reproduce`` by test_experiments)."""
+    code, usage, _ = _main(capsys, "--help")
+    assert code == 0
     for command in ("run", "list", "report", "reproduce", "bench", "study"):
         assert f"\n  {command} " in usage, command
-    plan = rb(tmp_path, "reproduce", "--dry-run", "--profile", "tiny", "--results-dir", str(tmp_path / "r"))
-    assert plan.returncode == 0, plan.stderr
-    bench = rb(tmp_path, "bench", "--help")
-    assert bench.returncode == 0 and all(k in bench.stdout for k in ("decode", "engine", "cli", "batch", "grader"))
-    decode = rb(tmp_path, "bench", "decode", "--help")
-    assert decode.returncode == 0 and "--smoke" in decode.stdout
-    study = rb(tmp_path, "study", "--help")
-    assert study.returncode == 0 and all(s in study.stdout for s in ("mass", "retro", "table"))
-    wrong = rb(tmp_path, "bench", "nope")
-    assert wrong.returncode == 2 and "allowed: decode, engine, cli, batch, grader" in wrong.stderr
+    code, _, err = _main(capsys, "reproduce", "--dry-run", "--profile", "tiny", "--results-dir", str(tmp_path / "r"))
+    assert code == 0, err
+    code, out, _ = _main(capsys, "bench", "--help")
+    assert code == 0 and all(k in out for k in ("decode", "engine", "cli", "batch", "grader"))
+    code, out, _ = _main(capsys, "bench", "decode", "--help")
+    assert code == 0 and "--smoke" in out
+    code, out, _ = _main(capsys, "study", "--help")
+    assert code == 0 and all(s in out for s in ("mass", "retro", "table"))
+    code, _, err = _main(capsys, "bench", "nope")
+    assert code == 2 and "allowed: decode, engine, cli, batch, grader" in err
 
 
 @pytest.mark.slow

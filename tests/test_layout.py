@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {"methods", "tasks", "kernels", "conf"}
 SKIP = {".venv", ".git", "build", "dist", "results", ".pytest_cache", ".hypothesis", "node_modules"}
@@ -134,8 +136,9 @@ def test_the_engine_names_no_method() -> None:
     assert METHOD_NAMES and not offenders, "the engine names a method:\n" + "\n".join(offenders)
 
 
-def test_every_task_module_is_a_configured_task_or_a_declared_helper() -> None:
-    """A module in tasks/ is either the target of a conf/task YAML or listed in tasks.HELPERS."""
+def test_every_task_module_is_a_configured_task_and_helpers_live_in_lib() -> None:
+    """A module directly in tasks/ is the target of a conf/task YAML (or the contract ``base`` and the
+    shared ``graders``, tasks.HELPERS); the helpers of particular tasks live in tasks/lib/."""
     from omegaconf import OmegaConf
 
     from retrobench.tasks import HELPERS
@@ -144,6 +147,23 @@ def test_every_task_module_is_a_configured_task_or_a_declared_helper() -> None:
     modules = {p.stem for p in (ROOT / "tasks").glob("*.py") if p.stem != "__init__"}
     assert modules - targets - set(HELPERS) == set(), "a tasks/ module without a config: add conf/task/<name>.yaml"
     assert set(HELPERS) <= modules and not set(HELPERS) & targets
+    assert "lib" not in targets and "lib" not in modules
+    lib = {p.stem for p in (ROOT / "tasks" / "lib").glob("*.py")}
+    assert {"__init__", "sandbox", "livecodebench", "longgenbench_data"} <= lib
+    doc = ast.get_docstring(ast.parse((ROOT / "tasks" / "lib" / "__init__.py").read_text()))
+    assert doc and len(doc) > 80, "tasks/lib/__init__.py needs a docstring saying what it holds"
+
+
+def test_every_package_folder_is_installed() -> None:
+    """Every folder with an ``__init__.py`` under an installed folder is in pyproject.toml's ``packages``
+    (an editable install finds an unlisted one anyway; a regular install would leave it out)."""
+    tomllib = pytest.importorskip("tomllib")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = [ROOT / "retrobench", *(ROOT / f for f in FOLDERS.values())]
+    found = {_module_name(init) for folder in folders for init in folder.rglob("__init__.py")
+             if "__pycache__" not in init.parts}  # fmt: skip
+    assert "retrobench.tasks.lib" in found
+    assert found - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
 
 
 # ---- the package layout: each folder one layer, and which layer may import which ----------------------
@@ -253,10 +273,12 @@ def test_only_the_cli_and_the_aliases_import_the_drivers() -> None:
 
 def test_the_old_module_spellings_still_run() -> None:
     """``python -m retrobench.<driver>`` (Makefile, README, GPU recipes) reaches the moved driver."""
-    for alias in sorted(ALIASES):
-        out = subprocess.run([sys.executable, "-m", f"retrobench.{alias}", "--help"], capture_output=True,
-                             text=True, timeout=120, check=False)  # fmt: skip
-        assert out.returncode == 0 and "usage:" in out.stdout, f"python -m retrobench.{alias} --help: {out.stderr}"
+    procs = {alias: subprocess.Popen([sys.executable, "-m", f"retrobench.{alias}", "--help"], text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for alias in sorted(ALIASES)}  # all at once: each start is seconds of imports  # fmt: skip
+    for alias, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0 and "usage:" in out, f"python -m retrobench.{alias} --help: {err}"
 
 
 def test_one_config_error_class() -> None:

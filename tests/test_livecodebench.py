@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from retrobench.tasks import livecodebench as lcb
+from retrobench.tasks.lib import livecodebench as lcb
 from retrobench.conf import ConfigError
 from retrobench.tasks.base import Sample
 from retrobench.tasks.reasoning import ReasoningTask
-from retrobench.tasks.sandbox import Limits, TestCase, grade
+from retrobench.tasks.lib.sandbox import Limits, TestCase, grade
 
 ADD = [TestCase("1 2\n", "3\n"), TestCase("10 -4\n", "6\n"), TestCase("0 0\n", "0")]
 PAIR = [TestCase("[1, 2, 3]\n2", "[3, 4]"), TestCase("[]\n1", "[]")]  # functional: one JSON value per line
@@ -63,7 +63,7 @@ def test_functional_verdicts(code: str, status: str) -> None:
 
 
 def test_output_comparison_as_the_benchmark_compares() -> None:
-    from retrobench.tasks.sandbox import stdout_matches
+    from retrobench.tasks.lib.sandbox import stdout_matches
 
     assert stdout_matches("3  \n4\n\n", "3\n4")  # trailing spaces and blank lines
     assert stdout_matches("1.0 2.50\n", "1 2.5")  # numbers of equal value

@@ -24,7 +24,7 @@ from retrobench.tasks.longgenbench import (
     parse_answers,
     score_answers,
 )
-from retrobench.tasks.longgenbench_data import CATEGORIES, choice_problem, gsm8k_problem
+from retrobench.tasks.lib.longgenbench_data import CATEGORIES, choice_problem, gsm8k_problem
 
 TOK = ByteTokenizer()
 SHOTS = {"gsm8k": 8, "mmlu": 5, "csqa": 5}

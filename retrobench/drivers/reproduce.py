@@ -153,7 +153,7 @@ def write_offline_data(folder: Path, questions: int = 30) -> None:
     maximum, reversal of n numbers) and one LeetCode-style function, in LiveCodeBench's fields and
     inside v5's date window, their tests computed here.
     """
-    from retrobench.tasks.longgenbench_data import choice_problem, gsm8k_problem
+    from retrobench.tasks.lib.longgenbench_data import choice_problem, gsm8k_problem
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "aime24.jsonl"

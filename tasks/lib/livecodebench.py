@@ -18,7 +18,7 @@ Release and window: ``task.version_tag`` (``release_v5``) picks the hub release;
 Prompt: the problem, then (with starter code) the code to complete, or (stdin problems) that the
 program reads standard input and writes standard output, and a request for one fenced Python
 block. Extraction takes the last fenced block after the reasoning (text after ``</think>`` when
-present). Grading: :mod:`retrobench.tasks.sandbox`, public tests first, then private, stopping at
+present). Grading: :mod:`retrobench.tasks.lib.sandbox`, public tests first, then private, stopping at
 the first failure; ``accuracy`` 1 when every test passes (pass@1 over the k samples).
 """
 
@@ -34,7 +34,7 @@ from datetime import date, datetime
 from typing import Any
 
 from retrobench.conf import ConfigError
-from retrobench.tasks.sandbox import Limits, TestCase, Verdict, grade
+from retrobench.tasks.lib.sandbox import Limits, TestCase, Verdict, grade
 
 HUB_ID = "livecodebench/code_generation_lite"
 FIELDS = ("question_id", "question_content", "public_test_cases", "private_test_cases", "contest_date")
