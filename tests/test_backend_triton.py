@@ -31,9 +31,8 @@ from retrobench.kernels.ops import TRITON_OPS
 pytest.importorskip("triton")
 
 # retro over quest (kv_head selection) runs every op quest-kv_head runs (page_scores, update_page_minmax,
-# topk, sparse_attention) plus merge_states; quest-kv_head itself is checked on tiny_random.
+# topk, sparse_attention) plus mark_loaded and retro_merge; quest-kv_head itself is checked on tiny_random.
 SMOLLM2_CASES = ("retro-quest-w2",)
-KERNEL_OPS = ("sparse_attention", "page_scores", "update_page_minmax", "merge_states", "paged_logits")
 REFS = {
     paged_attention: "sparse_paged_attention_ref", quest: "quest_page_scores_ref", topk: "topk_forced_ref",
     page_meta: "update_page_minmax_ref", kv_write: "write_kv_ref", merge: "merge_states_ref",
