@@ -101,7 +101,7 @@ TRITON_OPS = Ops(
 #: reads every weight once, so small chunks cost weight traffic (8B bf16: 16 GB per chunk), and a
 #: prompt that fits one chunk runs square causal attention, the fastest SDPA kernel (cuDNN on an
 #: H200; later chunks' lower-right causal attention falls to FA2); 32768 tokens keep an 8B model's
-#: chunk activations near 4 GB. On CPU 512 keeps activations small (and the hash of runs made
+#: chunk activations to a few GB (estimated from the shapes: the gate/up output alone is 1.9 GB). On CPU 512 keeps activations small (and the hash of runs made
 #: before ``auto`` existed).
 PREFILL_CHUNK = {"cpu": 512, "cuda": 32768}
 

@@ -7,9 +7,9 @@ chosen. The result lists the forced entry first, then the others by descending s
 by ascending index, then -1 up to the static width ``k_max`` — the order of a stable descending
 sort, so both implementations return identical lists, ties included.
 
-Both fast versions pack each fp32 score and its index into one int64 key (the score's bits made
-order-preserving in the high word, the complement of the index in the low word), so the keys are
-distinct and their descending order is the stable order exactly:
+Both fast versions order entries by (score descending, index ascending), with the score's fp32
+bits made order-preserving as integers (-0.0 taken as +0.0), so equal scores are broken exactly as
+the stable sort breaks them:
 
 * ``topk_forced_select`` (Triton): one program per (sequence, selection head) holds the row in
   registers, finds the threshold score by bisection (32 halvings of the ordered ints, ties then
@@ -19,7 +19,9 @@ distinct and their descending order is the stable order exactly:
   :data:`SELECT_MAX` entries (256K tokens at page 16). Measured dead ends (H200, 32K context):
   sorting each row in one program (``tl.sort``) took 30 us per call; ranking every entry by
   counting over the whole row (N² comparisons spread over the GPU) took 190 us per call at batch 8.
-* ``topk_forced_packed`` (PyTorch): the same keys through one ``torch.topk``, for any row length.
+* ``topk_forced_packed`` (PyTorch): each score and its index packed into one int64 key (order bits
+  high, the index's complement low), so one ``torch.topk`` over distinct keys gives the order; any
+  row length.
 
 ``topk_forced`` (the op of ``engine.backend=triton``) takes the kernel where it can run and the row
 fits, else the packed version; both are static-shape and sync-free (CUDA-graph capturable).

@@ -18,9 +18,9 @@ never changes. ``A`` is kept per selection *unit* of the base: per page for page
 (quest, oracle pages: the paper's per-page mask), per token for token-level bases (oracle tokens,
 InfLLM's windows).
 
-Static state, preallocated per request: ``A [L, B, H_sel, units + 1]`` (the last column keeps the
-reference's padding scatter a no-op), and the output cache ``[L, B, w-1, ...]``: per past token its merged output and LSE
-(fp32), its own and exposed key counts per selection head, and its query (``past_query:
+Static state, preallocated per request: ``A [L, B, H_sel, units + 1]`` (the last column keeps
+the reference's padding scatter a no-op), and the output cache ``[L, B, w-1, ...]``: per past
+token its merged output and LSE (fp32), its own and exposed key counts per selection head, and its query (``past_query:
 cached``). Slot j holds the token generated ``w-1-j`` steps before the current one; each step the
 oldest leaves (its exposure is recorded) and the current token enters the newest slot. The past
 tokens are extra query rows of the current token's one sparse-attention call (they read no extra

@@ -363,7 +363,8 @@ def kernel_row(emit, spec: ModelSpec, context: int, batch: int, dtype: torch.dty
 
 def topk_rows(emit, spec: ModelSpec, context: int, batch: int, timer, budget_tokens: int = 2048) -> None:
     """One layer's page top-k (Quest's selection at ``budget_tokens``): the selecting kernel, when
-    the row fits it, against the packed ``torch.topk`` version, side by side."""
+    the row fits it, against the packed ``torch.topk`` version, side by side. Timed eagerly, so each
+    row includes the host's launch overhead (device time of the kernel alone: ``bench profile``)."""
     from retrobench.kernels import topk
 
     n = math.ceil(context / spec.page_size)
