@@ -30,6 +30,20 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 LOG2E = 1.4426950408889634  # log2(e): softmax runs on exp2 inside kernels
 
+if HAS_TRITON:
+    # triton.language's own combine functions, for ``tl.reduce(x, axis, SUM)`` / ``tl.associative_scan``
+    # in place of ``tl.sum`` / ``tl.min`` / ``tl.max`` / ``tl.cumsum``. On fp32 and int32 inputs (all our
+    # kernels reduce) the compiled code is the same: those library functions only widen narrower types,
+    # then call the same reduce. The interpreter maps these combine functions to numpy as well, but it
+    # runs every nested ``@triton.jit`` call (the library functions are ones) by re-patching
+    # triton.language, about 5 ms a call: under ``TRITON_INTERPRET=1`` that was most of a CPU engine
+    # test's time. For the same reason kernels here call no ``@triton.jit`` helpers of their own.
+    SUM = tl.standard._sum_combine
+    MIN = tl.standard._elementwise_min
+    MAX = tl.standard._elementwise_max
+else:  # pragma: no cover
+    SUM = MIN = MAX = None
+
 
 class TritonUnavailable(RuntimeError):
     """A Triton kernel was asked for where none can run (no triton, or a CPU tensor without the interpreter)."""

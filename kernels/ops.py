@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from retrobench.kernels import dense, kv_write, merge, page_meta, paged_attention, quest, retro, scores, topk
+from retrobench.kernels import dense, kv_write, page_meta, paged_attention, quest, retro, scores, topk
 from retrobench.kernels._triton import TritonUnavailable, require_triton
 
 BACKENDS = ("torch", "triton")
@@ -49,7 +49,6 @@ class Ops:
     topk_forced: Callable
     update_page_minmax: Callable
     write_kv: Callable
-    merge_states: Callable
     paged_logits: Callable
     dense_attention: Callable
     prefill_attention: Callable
@@ -64,14 +63,12 @@ TORCH_OPS = Ops(
     name="torch",
     capturable=False,
     kernels=frozenset({"sparse_attention", "page_scores", "topk_forced", "update_page_minmax", "write_kv",
-                       "merge_states", "paged_logits", "dense_attention", "prefill_attention", "mark_loaded",
-                       "retro_merge"}),  # fmt: skip
+                       "paged_logits", "dense_attention", "prefill_attention", "mark_loaded", "retro_merge"}),  # fmt: skip
     sparse_attention=paged_attention.sparse_paged_attention_ref,
     page_scores=quest.quest_page_scores_ref,
     topk_forced=topk.topk_forced_ref,
     update_page_minmax=page_meta.update_page_minmax_ref,
     write_kv=kv_write.write_kv_ref,
-    merge_states=merge.merge_states_ref,
     paged_logits=scores.paged_logits_ref,
     dense_attention=dense.dense_attention_sdpa,
     prefill_attention=dense.prefill_attention_sdpa,
@@ -82,14 +79,13 @@ TORCH_OPS = Ops(
 TRITON_OPS = Ops(
     name="triton",
     capturable=True,
-    kernels=frozenset({"sparse_attention", "page_scores", "update_page_minmax", "merge_states", "paged_logits",
-                       "dense_attention", "prefill_attention", "mark_loaded", "retro_merge"}),  # fmt: skip
+    kernels=frozenset({"sparse_attention", "page_scores", "update_page_minmax", "paged_logits", "dense_attention",
+                       "prefill_attention", "mark_loaded", "retro_merge"}),  # fmt: skip
     sparse_attention=paged_attention.sparse_paged_attention,
     page_scores=quest.quest_page_scores,
     topk_forced=topk.topk_forced,
     update_page_minmax=page_meta.update_page_minmax,
     write_kv=kv_write.write_kv,
-    merge_states=merge.merge_states,
     paged_logits=scores.paged_logits,
     dense_attention=dense.dense_attention,
     prefill_attention=dense.prefill_attention_sdpa,

@@ -2,16 +2,21 @@
 
 After a forward writes keys at ``positions`` (appends, and RetroAttention's overwrites of its
 window), the min/max of every touched page is recomputed from the page's stored keys over its
-slots below the sequence length: exact after every append and overwrite
-(an incremental min/max would be wrong after an overwrite). One program per (b, s, KV head) reads
-its page once; two positions on the same page compute the same values, so duplicates are
-harmless. Positions < 0 are skipped (padding rows of a static-shape batch).
+slots below the sequence length: exact after every append and overwrite (an incremental min/max
+would be wrong after an overwrite). One program per (b, s, block of KV heads: a tile of at most
+``TILE`` channels, so Llama-3.1-8B's 8 heads of 128 at page 16 take two programs). A program
+reads its page only when the position before it in the row is on another page (or is padding),
+so a run of positions on one page (a prefill chunk, RetroAttention's window) costs one page read,
+by its first position; other duplicates compute the same values, which is harmless. Positions
+< 0 are skipped (padding rows of a static-shape batch).
 """
 
 from __future__ import annotations
 
 import torch
-from retrobench.kernels._triton import HAS_TRITON, next_pow2, require_triton, tl, triton
+from retrobench.kernels._triton import HAS_TRITON, MAX, MIN, next_pow2, require_triton, tl, triton
+
+TILE = 8192  # page slots x (heads x channels) one program reduces
 
 if HAS_TRITON:
 
@@ -21,28 +26,31 @@ if HAS_TRITON:
         stride_kn, stride_kp, stride_kh,
         stride_mn, stride_mh, stride_xn, stride_xh,
         stride_ptb, stride_posb,
-        S, D,
-        P: tl.constexpr, BLOCK_D: tl.constexpr,
+        S, H_kv, D,
+        P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
+        """Program (b·S + s, block of KV heads): the page's ``[P, BLOCK_H·BLOCK_D]`` keys, reduced over slots."""
         pid = tl.program_id(0)
-        kv = tl.program_id(1)
         b = pid // S
         s = pid % S
         pos = tl.load(Positions + b * stride_posb + s)
-        if pos >= 0:
-            lp = pos // P
+        prev = tl.load(Positions + b * stride_posb + s - 1, mask=s > 0, other=-1)
+        lp = pos // P
+        if (pos >= 0) & ((prev < 0) | (prev // P != lp)):  # C division: -1 // P is 0, so padding is tested apart
             phys = tl.load(PageTable + b * stride_ptb + lp).to(tl.int64)
             length = tl.load(Lengths + b)
             slot = tl.arange(0, P)
-            d = tl.arange(0, BLOCK_D)
-            d_ok = d < D
+            hd = tl.arange(0, BLOCK_H * BLOCK_D)  # (head, channel) flattened: one 2-D tile for a block of heads
+            h = tl.program_id(1) * BLOCK_H + hd // BLOCK_D
+            d = hd % BLOCK_D
+            hd_ok = (h < H_kv) & (d < D)
             live = (lp * P + slot) < length
-            keys = tl.load(Kc + phys * stride_kn + slot[:, None] * stride_kp + kv * stride_kh + d[None, :],
-                           mask=live[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
-            lo = tl.min(tl.where(live[:, None], keys, float("inf")), 0)
-            hi = tl.max(tl.where(live[:, None], keys, float("-inf")), 0)
-            tl.store(Kmin + phys * stride_mn + kv * stride_mh + d, lo.to(Kmin.dtype.element_ty), mask=d_ok)
-            tl.store(Kmax + phys * stride_xn + kv * stride_xh + d, hi.to(Kmax.dtype.element_ty), mask=d_ok)
+            keys = tl.load(Kc + phys * stride_kn + slot[:, None] * stride_kp + (h * stride_kh + d)[None, :],
+                           mask=live[:, None] & hd_ok[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            lo = tl.reduce(tl.where(live[:, None], keys, float("inf")), 0, MIN)
+            hi = tl.reduce(tl.where(live[:, None], keys, float("-inf")), 0, MAX)
+            tl.store(Kmin + phys * stride_mn + h * stride_mh + d, lo.to(Kmin.dtype.element_ty), mask=hd_ok)
+            tl.store(Kmax + phys * stride_xn + h * stride_xh + d, hi.to(Kmax.dtype.element_ty), mask=hd_ok)
 
 
 def _check(k_cache, kmin, kmax, page_table, positions, lengths) -> None:
@@ -83,12 +91,14 @@ def update_page_minmax(
     page_table, positions, lengths = page_table.contiguous(), positions.contiguous(), lengths.contiguous()
     if B * S == 0:
         return None
-    _update_page_minmax_kernel[(B * S, H_kv)](
+    block_d = next_pow2(D)
+    block_h = max(1, min(next_pow2(H_kv), TILE // (P * block_d)))
+    _update_page_minmax_kernel[(B * S, triton.cdiv(H_kv, block_h))](
         k_cache, kmin, kmax, page_table, positions, lengths,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         kmin.stride(0), kmin.stride(1), kmax.stride(0), kmax.stride(1),
         page_table.stride(0), positions.stride(0),
-        S, D, P=P, BLOCK_D=next_pow2(D), num_warps=2,
+        S, H_kv, D, P=P, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4,
     )  # fmt: skip
     return None
 

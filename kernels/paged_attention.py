@@ -36,6 +36,8 @@ from retrobench.kernels._triton import (
     HAS_TRITON,
     INTERPRET,
     LOG2E,
+    MAX,
+    SUM,
     dot_precision,
     next_pow2,
     require_triton,
@@ -124,11 +126,11 @@ if HAS_TRITON:
                 ps = tl.load(PageStep + b * stride_psb + sel * stride_psh + lp, mask=col_ok, other=0)
                 vis = vis & (ps[None, :] < q_step[:, None])
             qk = tl.where(vis, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_new = tl.maximum(m_i, tl.reduce(qk, 1, MAX))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at 0
             p = tl.exp2(qk - m_ref[:, None])
             alpha = tl.exp2(m_i - m_ref)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            l_i = l_i * alpha + tl.reduce(p, 1, SUM)
             v = tl.load(Vc + phys[:, None] * stride_vn + slot[:, None] * stride_vp + kv * stride_vh + d[None, :],
                         mask=kv_mask, other=0.0)  # fmt: skip
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -154,14 +156,14 @@ if HAS_TRITON:
         d = tl.arange(0, BLOCK_D)
         sp_ok = sp < NUM_SPLITS
         lse = tl.load(PartLse + row * NUM_SPLITS + sp, mask=sp_ok, other=float("-inf"))
-        m = tl.max(lse, 0)
+        m = tl.reduce(lse, 0, MAX)
         m_ref = tl.where(m == float("-inf"), 0.0, m)
         w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - m_ref))
         o = tl.load(PartOut + (row * NUM_SPLITS + sp[:, None]) * D + d[None, :],
                     mask=sp_ok[:, None] & (d[None, :] < D), other=0.0)  # fmt: skip
-        total = tl.sum(w, 0)
+        total = tl.reduce(w, 0, SUM)
         denom = tl.where(total > 0, total, 1.0)
-        out = tl.sum(w[:, None] * o, 0) / denom
+        out = tl.reduce(w[:, None] * o, 0, SUM) / denom
         tl.store(Out + row * D + d, out.to(Out.dtype.element_ty), mask=d < D)
         tl.store(Lse + row, tl.where(total > 0, m_ref + tl.log(denom), float("-inf")))
 

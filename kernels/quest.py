@@ -14,7 +14,7 @@ The reference :func:`quest_page_scores_ref` is the definition, written out in pl
 from __future__ import annotations
 
 import torch
-from retrobench.kernels._triton import HAS_TRITON, next_pow2, require_triton, tl, triton
+from retrobench.kernels._triton import HAS_TRITON, MAX, SUM, next_pow2, require_triton, tl, triton
 
 GROUP_REDUCES = ("kv_head", "q_head", "layer")
 BLOCK_PAGES = 64
@@ -45,12 +45,12 @@ if HAS_TRITON:
         hi = tl.load(Kmax + phys[:, None] * stride_xn + kv * stride_xh + d[None, :], mask=m2, other=0.0)
         lo = lo.to(tl.float32)
         hi = hi.to(tl.float32)
-        empty = tl.max(tl.where(lo == float("inf"), 1, 0), 1) > 0  # an empty page holds kmin = +inf
+        empty = tl.reduce(tl.where(lo == float("inf"), 1, 0), 1, MAX) > 0  # an empty page holds kmin = +inf
         live = p_ok & (~empty)
         total = tl.zeros([BLOCK_P], tl.float32)
         for gi in tl.static_range(G):
             qg = tl.load(Q + b * stride_qb + (kv * G + gi) * stride_qh + d, mask=d_ok, other=0.0).to(tl.float32)
-            score = tl.sum(tl.maximum(qg[None, :] * hi, qg[None, :] * lo), 1)
+            score = tl.reduce(tl.maximum(qg[None, :] * hi, qg[None, :] * lo), 1, SUM)
             score = tl.where(live, score, float("-inf"))
             if SUM_GROUP:
                 total += score

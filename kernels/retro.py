@@ -22,6 +22,8 @@ import torch
 from retrobench.kernels._triton import HAS_TRITON, next_pow2, require_triton, tl, triton
 from retrobench.kernels.attention_ref import merge_states_ref
 
+MERGE_HEADS = 8  # heads per retro_merge program (a [8, D] tile; H = 32 takes four programs per row)
+
 if HAS_TRITON:
 
     @triton.jit
@@ -50,39 +52,42 @@ if HAS_TRITON:
         so_b, so_h, so_s, sl_b, sl_h,
         sco_b, sco_s, sco_h, scl_b, scl_s,
         scu_b, scu_h, scul_b,
-        BLOCK_D: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        """Program (b·H + h, s): row s < S-1 merges into cache slot ``slots - (S-1) + s``; row S-1 is kept."""
+        """Program (b·S + s, block of heads): row s < S-1 merges into cache slot ``slots - (S-1) + s``;
+        row S-1 is kept. LSE tensors are contiguous over heads."""
         pid = tl.program_id(0)
-        s = tl.program_id(1)
-        b = pid // H
-        h = pid % H
+        b = pid // S
+        s = pid % S
+        h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         d = tl.arange(0, BLOCK_D)
-        dm = d < D
-        out = Out + b * so_b + h * so_h + s * so_s + d
-        o = tl.load(out, mask=dm, other=0.0).to(tl.float32)
-        lse = tl.load(Lse + b * sl_b + h * sl_h + s).to(tl.float32)
+        h_ok = h < H
+        hd = h_ok[:, None] & (d[None, :] < D)
+        out = Out + b * so_b + h[:, None] * so_h + s * so_s + d[None, :]
+        o = tl.load(out, mask=hd, other=0.0).to(tl.float32)
+        lse_p = Lse + b * sl_b + h * sl_h + s
+        lse = tl.load(lse_p, mask=h_ok, other=float("-inf")).to(tl.float32)
         if s < S - 1:
             slot = slots - (S - 1) + s
-            co = CacheOut + b * sco_b + slot * sco_s + h * sco_h + d
+            co = CacheOut + b * sco_b + slot * sco_s + h[:, None] * sco_h + d[None, :]
             cl = CacheLse + b * scl_b + slot * scl_s + h
-            oa = tl.load(co, mask=dm, other=0.0).to(tl.float32)
-            sa = tl.load(cl).to(tl.float32)
+            oa = tl.load(co, mask=hd, other=0.0).to(tl.float32)
+            sa = tl.load(cl, mask=h_ok, other=float("-inf")).to(tl.float32)
             m = tl.maximum(sa, lse)
             m_ref = tl.where(m == float("-inf"), 0.0, m)
             wa = tl.exp(sa - m_ref)
             wb = tl.exp(lse - m_ref)
             total = wa + wb
             denom = tl.where(total > 0, total, 1.0)
-            merged = (wa * oa + wb * o) / denom
+            merged = (wa[:, None] * oa + wb[:, None] * o) / denom[:, None]
             merged_lse = tl.where(total > 0, m_ref + tl.log(denom), float("-inf"))
-            tl.store(co, merged, mask=dm)
-            tl.store(cl, merged_lse)
-            tl.store(out, merged.to(Out.dtype.element_ty), mask=dm)
-            tl.store(Lse + b * sl_b + h * sl_h + s, merged_lse)
+            tl.store(co, merged, mask=hd)
+            tl.store(cl, merged_lse, mask=h_ok)
+            tl.store(out, merged.to(Out.dtype.element_ty), mask=hd)
+            tl.store(lse_p, merged_lse, mask=h_ok)
         else:
-            tl.store(CurOut + b * scu_b + h * scu_h + d, o, mask=dm)
-            tl.store(CurLse + b * scul_b + h, lse)
+            tl.store(CurOut + b * scu_b + h[:, None] * scu_h + d[None, :], o, mask=hd)
+            tl.store(CurLse + b * scul_b + h, lse, mask=h_ok)
 
 
 def _check_mark(last_loaded: torch.Tensor, units: torch.Tensor, step: torch.Tensor) -> None:
@@ -182,12 +187,13 @@ def retro_merge(
         if t.stride(-1) != 1 and t.shape[-1] > 1:
             raise ValueError(f"retro_merge: {name} must be contiguous in its last dimension")
     B, H, S, D = out.shape
-    _retro_merge_kernel[(B * H, S)](
+    block_h = min(MERGE_HEADS, next_pow2(H))
+    _retro_merge_kernel[(B * S, triton.cdiv(H, block_h))](
         out, lse, cache_out, cache_lse, cur_out, cur_lse, H, S, cache_out.shape[1], D,
         out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         cache_out.stride(0), cache_out.stride(1), cache_out.stride(2), cache_lse.stride(0), cache_lse.stride(1),
         cur_out.stride(0), cur_out.stride(1), cur_lse.stride(0),
-        BLOCK_D=next_pow2(D), num_warps=1,
+        BLOCK_H=block_h, BLOCK_D=next_pow2(D), num_warps=2,
     )  # fmt: skip
     return out, lse
 

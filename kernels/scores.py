@@ -14,7 +14,7 @@ The reference :func:`paged_logits_ref` gathers the keys and takes the products i
 from __future__ import annotations
 
 import torch
-from retrobench.kernels._triton import HAS_TRITON, next_pow2, require_triton, tl, triton
+from retrobench.kernels._triton import HAS_TRITON, SUM, next_pow2, require_triton, tl, triton
 
 BLOCK_T = 64
 
@@ -44,7 +44,7 @@ if HAS_TRITON:
         for gi in tl.static_range(G):
             h = kv * G + gi
             qg = tl.load(Q + b * stride_qb + h * stride_qh + d, mask=d_ok, other=0.0).to(tl.float32)
-            logit = tl.sum(qg[None, :] * k, 1) * scaling
+            logit = tl.reduce(qg[None, :] * k, 1, SUM) * scaling
             tl.store(Out + b * stride_ob + h * stride_oh + i, tl.where(ok, logit, float("-inf")), mask=i < T)
 
 

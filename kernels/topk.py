@@ -12,8 +12,8 @@ bits made order-preserving as integers (-0.0 taken as +0.0), so equal scores are
 the stable sort breaks them:
 
 * ``topk_forced_select`` (Triton): one program per (sequence, selection head) holds the row in
-  registers, finds the threshold score by bisection (32 halvings of the ordered ints, ties then
-  taken by ascending index), compacts the chosen entries and gives each its slot by counting the
+  registers, finds the threshold score by bisection (at most 32 halvings of the ordered ints, fewer
+  when a threshold with exactly the wanted count turns up first; ties then taken by ascending index), compacts the chosen entries and gives each its slot by counting the
   chosen entries before it: one launch where the PyTorch version takes about twenty (key packing,
   forced scatter, ``torch.topk``'s gather and radix sort, masks, concatenation). Rows up to
   :data:`SELECT_MAX` entries (256K tokens at page 16). Measured dead ends (H200, 32K context):
@@ -32,22 +32,12 @@ from __future__ import annotations
 
 import torch
 
-from retrobench.kernels._triton import HAS_TRITON, next_pow2, require_triton, tl, triton, triton_usable
+from retrobench.kernels._triton import HAS_TRITON, SUM, next_pow2, require_triton, tl, triton, triton_usable
 
 LOW_MASK = 0xFFFFFFFF
 SELECT_MAX = 16384  # longest row the selecting kernel holds in registers (N pages / tokens)
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _ordered(Row, n, N, f):
-        """Order-preserving int32 of each fp32 score (-0.0 as +0.0) and whether it may be chosen
-        (inside the row, not the forced entry ``f``, above -inf)."""
-        s = tl.load(Row + n, mask=n < N, other=float("-inf")).to(tl.float32)
-        s = tl.where(s == 0.0, 0.0, s)  # equal floats get equal keys
-        bits = s.to(tl.int32, bitcast=True)
-        o = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        return o, (n < N) & (n != f) & (o > -2139095041)  # -2139095041: -inf ordered
 
     @triton.jit
     def _topk_forced_select_kernel(
@@ -70,22 +60,34 @@ if HAS_TRITON:
             lead = 1
             tl.store(out, f)
         n = tl.arange(0, BLOCK_N)
-        o, ok = _ordered(Scores + b * stride_sb + h * stride_sh, n, N, f)
-        want = tl.minimum(tl.minimum(tl.load(K + b).to(tl.int32), k_max) - lead, tl.sum(ok.to(tl.int32), 0))
-        # the largest t with at least `want` entries scoring >= t (ordered ints: 32 halvings)
+        # order-preserving int of each fp32 score (-0.0 as +0.0: equal floats get equal ints); an entry
+        # may be chosen if it is inside the row, not the forced one, and above -inf (-2139095041 ordered)
+        s = tl.load(Scores + b * stride_sb + h * stride_sh + n, mask=n < N, other=float("-inf")).to(tl.float32)
+        bits = tl.where(s == 0.0, 0.0, s).to(tl.int32, bitcast=True)
+        o = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        ok = (n < N) & (n != f) & (o > -2139095041)
+        n_ok = tl.reduce(ok.to(tl.int32), 0, SUM)
+        want = tl.minimum(tl.minimum(tl.load(K + b).to(tl.int32), k_max) - lead, n_ok)
+        # bisect for the largest t with at least `want` entries scoring >= t, keeping count = #(>= lo);
+        # stop early once exactly `want` entries score >= lo (then no tie straddles the threshold).
+        # lo, hi are int64 so hi - lo cannot overflow; mid and lo always fit the ordered int32s.
         lo = tl.full([], -2147483648, tl.int64)
         hi = tl.full([], 2147483647, tl.int64)
-        for _ in range(32):
+        count = n_ok
+        while (lo < hi) & (count > want):
             mid = lo + (hi - lo + 1) // 2
-            enough = tl.sum((ok & (o.to(tl.int64) >= mid)).to(tl.int32), 0) >= want
+            at_least = tl.reduce((ok & (o >= mid.to(tl.int32))).to(tl.int32), 0, SUM)
+            enough = at_least >= want
             lo = tl.where(enough, mid, lo)
             hi = tl.where(enough, hi, mid - 1)
-        above = ok & (o.to(tl.int64) > lo)
-        tie = (ok & (o.to(tl.int64) == lo)).to(tl.int32)
-        tie_rank = tl.cumsum(tie, 0) - tie  # equal scores: lower index first
-        chosen = above | ((tie > 0) & (tie_rank < want - tl.sum(above.to(tl.int32), 0)))
+            count = tl.where(enough, at_least, count)
+        t = lo.to(tl.int32)
+        above = ok & (o > t)
+        tie = (ok & (o == t)).to(tl.int32)
+        tie_rank = tl.associative_scan(tie, 0, SUM) - tie  # equal scores: lower index first
+        chosen = above | ((tie > 0) & (tie_rank < want - tl.reduce(above.to(tl.int32), 0, SUM)))
         chosen = chosen & (tl.zeros([BLOCK_N], tl.int32) < want)  # want = 0: the bisection ran on nothing
-        c = tl.cumsum(chosen.to(tl.int32), 0) - chosen.to(tl.int32)
+        c = tl.associative_scan(chosen.to(tl.int32), 0, SUM) - chosen.to(tl.int32)
         scratch = Scratch + row * 2 * BLOCK_K
         tl.store(scratch + c, o, mask=chosen)
         tl.store(scratch + BLOCK_K + c, n, mask=chosen)
@@ -99,7 +101,7 @@ if HAS_TRITON:
             o_j = tl.load(scratch + j, mask=j < want, other=0)
             n_j = tl.load(scratch + BLOCK_K + j, mask=j < want, other=0)
             before = (o_j[None, :] > o_i[:, None]) | ((o_j[None, :] == o_i[:, None]) & (n_j[None, :] < n_i[:, None]))
-            rank += tl.sum((before & (j < want)[None, :]).to(tl.int32), 1)
+            rank += tl.reduce((before & (j < want)[None, :]).to(tl.int32), 1, SUM)
         tl.store(out + lead + rank, n_i, mask=i < want)
         for p0 in range(0, k_max - lead, BLOCK_K):  # -1 after the chosen entries
             p = p0 + tl.arange(0, BLOCK_K)

@@ -24,7 +24,7 @@ from harness import make_case as make
 from harness import random_prompt as _prompt
 
 from retrobench.engine import Engine
-from retrobench.kernels import dense, kv_write, merge, page_meta, paged_attention, quest, retro, scores, topk
+from retrobench.kernels import dense, kv_write, page_meta, paged_attention, quest, retro, scores, topk
 from retrobench.kernels._triton import triton_usable
 from retrobench.kernels.ops import TRITON_OPS
 
@@ -35,7 +35,7 @@ pytest.importorskip("triton")
 SMOLLM2_CASES = ("retro-quest-w2",)
 REFS = {
     paged_attention: "sparse_paged_attention_ref", quest: "quest_page_scores_ref", topk: "topk_forced_ref",
-    page_meta: "update_page_minmax_ref", kv_write: "write_kv_ref", merge: "merge_states_ref",
+    page_meta: "update_page_minmax_ref", kv_write: "write_kv_ref",
     scores: "paged_logits_ref", dense: "dense_attention_ref", retro: "mark_loaded_ref",
 }  # fmt: skip
 

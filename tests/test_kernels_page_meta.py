@@ -1,8 +1,9 @@
 """update_page_minmax (Triton) equals its reference and PagedKVCache's own metadata, bit for bit.
 
 kmin/kmax start poisoned (NaN): pages the write touched must come back exact, the others must
-stay untouched. Appends, overwrites in the middle of a page, duplicates on one page, padding
-positions (-1), lengths at page boundaries (k*P and k*P+1), permuted page tables, fp32/fp16.
+stay untouched. Appends, overwrites in the middle of a page, duplicates on one page, runs on one
+page (read by their first position only), padding positions (-1) before page 0, lengths at page
+boundaries (k*P and k*P+1), permuted page tables, fp32/fp16.
 Fresh seed per test, printed on failure.
 """
 
@@ -27,6 +28,9 @@ CASES = {
     "overwrite-window": (1, 16, 16, (70, 33), ((66, 67, 68, 69), (29, 30, 31, 32))),
     "duplicates-and-padding": (2, 24, 4, (21, 9), ((20, 20, 17, -1), (-1, -1, 8, 1))),
     "big-page": (2, 80, 64, (130, 64), ((100, 129), (63, 0))),
+    # runs on one page are read by their first position only: padding right before a position on
+    # page 0 (C division gives -1 // P = 0), a prefill chunk starting mid-page, a repeat after a run
+    "padding-before-page-0": (2, 24, 4, (12, 23), ((-1, 2, 3, 9, 10, 2, -1, -1), tuple(range(5, 13)))),
 }
 
 

@@ -5,7 +5,7 @@ model, fills a cache as ``bench_decode`` does, and runs a few eager decode steps
 a CUDA graph replays, launched one by one) of full, quest and retro under ``torch.profiler``. Per
 method it writes the GPU kernel time per step, the number of kernels per step, and both split by
 kind: projections (cuBLAS / CUTLASS GEMMs), fused elementwise (inductor's Triton kernels, with
-``engine.compile``), retrobench's Triton kernels (attention, Quest scores, page min/max, merge),
+``engine.compile``), retrobench's Triton kernels (attention, Quest scores, page min/max, retro upkeep),
 top-k / sort, index / scatter / gather, copies and other elementwise kernels, the rest. The floor
 column of ``decode.md`` says how far the sum is from the bytes a step must read.
 
@@ -31,7 +31,7 @@ from retrobench.store.results import environment
 #: (kind, substrings of the kernel name), first match wins.
 KINDS = (
     ("retrobench triton", ("_sparse_paged_attention", "_reduce_splits", "_quest_page_scores", "_update_page_minmax",
-                           "_merge_states", "_paged_logits", "_mark_loaded", "_retro_merge")),
+                           "_paged_logits", "_mark_loaded", "_retro_merge")),
     ("SDPA attention (prefill)", ("flash", "fmha", "efficient_attention", "attention_kernel")),
     ("projections (GEMM)", ("gemm", "gemv", "cutlass", "nvjet", "xmma", "cublas", "splitk")),
     ("fused elementwise (inductor)", ("triton_",)),
