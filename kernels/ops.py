@@ -79,8 +79,8 @@ TORCH_OPS = Ops(
 TRITON_OPS = Ops(
     name="triton",
     capturable=True,
-    kernels=frozenset({"sparse_attention", "page_scores", "update_page_minmax", "paged_logits", "dense_attention",
-                       "prefill_attention", "mark_loaded", "retro_merge"}),  # fmt: skip
+    kernels=frozenset({"sparse_attention", "page_scores", "update_page_minmax", "write_kv", "paged_logits",
+                       "dense_attention", "prefill_attention", "mark_loaded", "retro_merge"}),  # fmt: skip
     sparse_attention=paged_attention.sparse_paged_attention,
     page_scores=quest.quest_page_scores,
     topk_forced=topk.topk_forced,
