@@ -17,7 +17,8 @@ import torch
 from retrobench.kernels._triton import HAS_TRITON, MAX, SUM, next_pow2, require_triton, tl, triton
 
 GROUP_REDUCES = ("kv_head", "q_head", "layer")
-BLOCK_PAGES = 64
+BLOCK_PAGES = 16  # pages per program (16 pages, 2 warps: the best or near-best of 8-64 x 1-8 warps on the H200 at 512-8192 pages, batch 1 and 8)
+SCORE_WARPS = 2
 
 if HAS_TRITON:
 
@@ -108,7 +109,7 @@ def quest_page_scores(
         q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmax.stride(0), kmax.stride(1),
         page_table.stride(0), scores.stride(0), scores.stride(1),
         H_kv, D, n_max,
-        G=H // H_kv, SUM_GROUP=sum_group, BLOCK_P=BLOCK_PAGES, BLOCK_D=next_pow2(D), num_warps=4,
+        G=H // H_kv, SUM_GROUP=sum_group, BLOCK_P=BLOCK_PAGES, BLOCK_D=next_pow2(D), num_warps=SCORE_WARPS,
     )  # fmt: skip
     if group_reduce == "layer":
         scores = scores.sum(dim=1, keepdim=True)

@@ -138,6 +138,11 @@ def topk_forced(
     return topk_forced_packed(scores, k, k_max, forced)
 
 
+def _select_warps(block_n: int) -> int:
+    """Warps per row: 8 from 2048 entries up (H200: 8 took 23.5 us at 8192 entries where 16 took 25.5, 4 took 26.2)."""
+    return min(8, max(4, block_n // 256))
+
+
 def topk_forced_select(
     scores: torch.Tensor, k: torch.Tensor, k_max: int, forced: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -157,7 +162,7 @@ def topk_forced_select(
     _topk_forced_select_kernel[(B * H_sel,)](
         scores, k, forced_t, out, scratch, scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
         H_sel, N, k_max, HAS_FORCED=forced is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_J=min(block_k, max(16, 8192 // block_k)), num_warps=min(16, max(4, block_n // 512)),
+        BLOCK_J=min(block_k, max(16, 8192 // block_k)), num_warps=_select_warps(block_n),
     )  # fmt: skip
     return out
 
