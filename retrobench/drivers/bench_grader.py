@@ -28,8 +28,8 @@ SOLUTIONS = {"sum": "input()\nprint(sum(map(int, input().split())))",
 
 
 def main(argv: list[str] | None = None) -> int:
-    from retrobench.drivers.reproduce import offline_code_problems
     from retrobench.tasks.lib import sandbox
+    from retrobench.tasks.lib.offline_data import offline_code_problems
     from retrobench.tasks.reasoning import ReasoningTask
 
     parser = argparse.ArgumentParser(prog="python -m retrobench.bench_grader", description=__doc__.split("\n\n")[0])
