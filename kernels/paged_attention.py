@@ -147,11 +147,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _reduce_splits_kernel(
-        PartOut, PartLse, Out, Lse, NUM_SPLITS, D,
+        PartOut, PartLse, Out, Lse, NUM_SPLITS, D, H, S, stride_ob, stride_oh, stride_os,
         BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        """Merge the per-split (out, lse) of one query row: rows are contiguous ``[R, NUM_SPLITS, D]``."""
+        """Merge the per-split (out, lse) of one query row (b, h, s): parts are contiguous
+        ``[B·H·S, NUM_SPLITS, D]``, the LSE ``[B·H·S]``, the output in its own strides."""
         row = tl.program_id(0).to(tl.int64)
+        b = row // (H * S)
+        h = (row // S) % H
+        s = row % S
         sp = tl.arange(0, BLOCK_SPLITS)
         d = tl.arange(0, BLOCK_D)
         sp_ok = sp < NUM_SPLITS
@@ -164,7 +168,7 @@ if HAS_TRITON:
         total = tl.reduce(w, 0, SUM)
         denom = tl.where(total > 0, total, 1.0)
         out = tl.reduce(w[:, None] * o, 0, SUM) / denom
-        tl.store(Out + row * D + d, out.to(Out.dtype.element_ty), mask=d < D)
+        tl.store(Out + b * stride_ob + h * stride_oh + s * stride_os + d, out.to(Out.dtype.element_ty), mask=d < D)
         tl.store(Lse + row, tl.where(total > 0, m_ref + tl.log(denom), float("-inf")))
 
 
@@ -242,8 +246,9 @@ def sparse_paged_attention(
 
     Returns
     -------
-    out ``[B, H, S, D]`` in q.dtype and lse ``[B, H, S]`` fp32 natural log; a query that sees
-    no key gets 0 and -inf. No host synchronisation (CUDA-graph capturable).
+    out ``[B, H, S, D]`` in q.dtype (a view of ``[B, S, H, D]`` memory: ``out.transpose(1, 2)`` is
+    contiguous) and lse ``[B, H, S]`` fp32 natural log; a query that sees no key gets 0 and -inf.
+    No host synchronisation (CUDA-graph capturable).
     """
     _check(q, k_cache, v_cache, page_table, pages, q_pos, key_mask, page_step, q_step, num_units)
     require_triton(q, "sparse_paged_attention")
@@ -262,7 +267,9 @@ def sparse_paged_attention(
     if splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {splits}")
 
-    out = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device)
+    # out is a [B, H, S, D] view of [B, S, H, D] memory: the layer's output layout, so the engine's
+    # transpose back to [B, S, H, D] copies nothing when S > 1 (RetroAttention's window rows)
+    out = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     if splits == 1:
         part_out, part_lse = out, lse
@@ -302,7 +309,7 @@ def sparse_paged_attention(
     )  # fmt: skip
     if splits > 1:
         _reduce_splits_kernel[(B * H * S,)](
-            part_out, part_lse, out, lse, splits, D,
+            part_out, part_lse, out, lse, splits, D, H, S, out.stride(0), out.stride(1), out.stride(2),
             BLOCK_SPLITS=next_pow2(splits), BLOCK_D=next_pow2(D), num_warps=4,
         )  # fmt: skip
     return out, lse

@@ -2,7 +2,8 @@
 
 CPU: fp32/fp16 under TRITON_INTERPRET=1 at small, odd shapes. GPU (``-m gpu``): bf16 at Llama-8B
 shapes, and the whole Quest decode pipeline captured in a CUDA graph (proves no host syncs).
-Outputs are allocated poisoned (NaN) so an unwritten element fails. Every test draws a new seed
+Outputs are allocated poisoned (NaN) so an unwritten element fails; the output is checked to be
+laid out as the layer's [B, S, H, D] (split or not), so the engine's transpose copies nothing. Every test draws a new seed
 and prints it on failure (``KERNEL_TEST_SEED=<n>`` replays one).
 """
 
@@ -155,6 +156,7 @@ def check(case: Case, dtype: torch.dtype, num_splits, device: str = "cpu") -> No
     with poisoned_empty():
         out, lse = sparse_paged_attention(*args, **kwargs, num_splits=num_splits)
     assert out.dtype == args[0].dtype and lse.dtype == torch.float32
+    assert out.transpose(1, 2).is_contiguous(), "out must be a view of [B, S, H, D] memory (the layer's layout)"
     assert_close("lse", lse, expected_lse, *TOL_LSE[dtype], seed=seed)
     assert_close("out", out, expected_out, *TOL_OUT[dtype], seed=seed)
     if case.select == "empty":
