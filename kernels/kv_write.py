@@ -82,9 +82,7 @@ def write_kv(
     B, _, S, _ = k.shape
     if B * S == 0:
         return None
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or k_cache.stride(0) != P * k_cache.stride(1):
-        raise ValueError("write_kv: k_cache and v_cache must be [N, P, H_kv, D] with pages of P contiguous slots")
-    if v_cache.stride(0) != P * v_cache.stride(1):
+    if any(c.stride(-1) != 1 or c.stride(0) != P * c.stride(1) for c in (k_cache, v_cache)):
         raise ValueError("write_kv: k_cache and v_cache must be [N, P, H_kv, D] with pages of P contiguous slots")
     positions = positions.contiguous()
     page_table = page_table.contiguous()

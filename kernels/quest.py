@@ -17,7 +17,9 @@ import torch
 from retrobench.kernels._triton import HAS_TRITON, MAX, SUM, next_pow2, require_triton, tl, triton
 
 GROUP_REDUCES = ("kv_head", "q_head", "layer")
-BLOCK_PAGES = 16  # pages per program (16 pages, 2 warps: the best or near-best of 8-64 x 1-8 warps on the H200 at 512-8192 pages, batch 1 and 8)
+# pages and warps per program: within 5 % of the best of 8-64 pages x 1-8 warps on the H200 at
+# 512-8192 pages, batch 1 and 8 (results/bench/steps/sweep_scores_topk.md)
+BLOCK_PAGES = 16
 SCORE_WARPS = 2
 
 if HAS_TRITON:
