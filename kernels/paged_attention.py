@@ -201,6 +201,11 @@ def _check(q, k_cache, v_cache, page_table, pages, q_pos, key_mask, page_step, q
         raise ValueError(f"num_units must be [B], got {tuple(num_units.shape)}")
 
 
+def launch_config(rows: int) -> dict:
+    """Launch settings for ``rows`` packed query rows per selection head (G_sel * S)."""
+    return {"max_block_m": MAX_BLOCK_M, "block_n": BLOCK_N, "num_warps": 4, "num_stages": 2}
+
+
 def default_num_splits(q: torch.Tensor, num_sel_heads: int, num_tokens: int, row_blocks: int = 1) -> int:
     """Splits so that B * H_sel * splits programs fill the device, each with >= MIN_TOKENS_PER_SPLIT keys."""
     programs = q.shape[0] * num_sel_heads * row_blocks
@@ -222,6 +227,7 @@ def sparse_paged_attention(
     q_step: torch.Tensor | None = None,
     num_units: torch.Tensor | None = None,
     num_splits: int | None = None,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``q`` over the selected units of a paged KV cache (Triton; CUDA or the interpreter).
 
@@ -243,6 +249,8 @@ def sparse_paged_attention(
     num_units : optional ``[B]`` int: only the first ``num_units[b]`` entries of each list are read
         (lists compacted to the front; the split-K shares are sized by it, per sequence).
     num_splits : split-K factor (default: fill the device, see :func:`default_num_splits`).
+    config : launch settings for benchmarks (``bench kernels``): ``max_block_m``, ``block_n``,
+        ``num_warps``, ``num_stages``; default :func:`launch_config`.
 
     Returns
     -------
@@ -261,7 +269,8 @@ def sparse_paged_attention(
             raise ValueError(f"{name} must be contiguous in its last dimension")
     K_units = pages.shape[2]
     num_tokens = K_units * P
-    block_m = min(max(16, next_pow2(G_sel * S)), MAX_BLOCK_M)
+    cfg = {**launch_config(G_sel * S), **(config or {})}
+    block_m = min(max(16, next_pow2(G_sel * S)), cfg["max_block_m"])
     row_blocks = -(-(G_sel * S) // block_m)
     splits = num_splits if num_splits is not None else default_num_splits(q, H_sel, num_tokens, row_blocks)
     if splits < 1:
@@ -301,11 +310,11 @@ def sparse_paged_attention(
         ps.stride(0) if has_step else 0, ps.stride(1) if has_step else 0, qs.stride(0),
         *so, *sl,
         H_sel, S, D, K_units, splits,
-        G=G, G_SEL=G_sel, P=P, ALIGN=min(P, BLOCK_N),
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_D=max(16, next_pow2(D)),
+        G=G, G_SEL=G_sel, P=P, ALIGN=min(P, cfg["block_n"]),
+        BLOCK_M=block_m, BLOCK_N=cfg["block_n"], BLOCK_D=max(16, next_pow2(D)),
         HAS_NUM_UNITS=has_units, HAS_KEY_MASK=has_mask, HAS_PAGE_STEP=has_step,
         DOT_PRECISION=dot_precision(k_cache.dtype),
-        num_warps=4, num_stages=2,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     if splits > 1:
         _reduce_splits_kernel[(B * H * S,)](

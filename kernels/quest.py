@@ -14,13 +14,14 @@ The reference :func:`quest_page_scores_ref` is the definition, written out in pl
 from __future__ import annotations
 
 import torch
-from retrobench.kernels._triton import HAS_TRITON, MAX, SUM, next_pow2, require_triton, tl, triton
+from retrobench.kernels._triton import HAS_TRITON, MAX, SUM, dot_precision, next_pow2, require_triton, tl, triton
 
 GROUP_REDUCES = ("kv_head", "q_head", "layer")
 # pages and warps per program: within 5 % of the best of 8-64 pages x 1-8 warps on the H200 at
 # 512-8192 pages, batch 1 and 8 (results/bench/steps/sweep_scores_topk.md)
 BLOCK_PAGES = 16
 SCORE_WARPS = 2
+USE_DOT = False
 
 if HAS_TRITON:
 
@@ -31,9 +32,16 @@ if HAS_TRITON:
         stride_mn, stride_mh, stride_xn, stride_xh,
         stride_ptb, stride_sb, stride_sh,
         H_KV, D, n_max,
-        G: tl.constexpr, SUM_GROUP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+        G: tl.constexpr, SUM_GROUP: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ):  # fmt: skip
-        """One program per (b, KV head, block of pages): scores ``[G, BLOCK_P]`` or their group sum."""
+        """One program per (b, KV head, block of pages): scores ``[G, BLOCK_P]`` or their group sum.
+
+        ``USE_DOT``: the bound as two matrix products, ``kmax · max(q, 0) + kmin · min(q, 0)`` over the
+        G heads at once (``max(q·hi, q·lo)`` per channel is ``q·hi`` where q > 0, else ``q·lo``). An empty
+        page (kmin = +inf, kmax = -inf) then scores NaN (``0 · inf`` in every channel) and a page with
+        any kmin channel at +inf scores NaN or -inf: both become -inf, as the reference's ``any(kmin ==
+        inf)``. Otherwise the bound per head as elementwise products and a row sum."""
         pid_bk = tl.program_id(0)
         b = pid_bk // H_KV
         kv = pid_bk % H_KV
@@ -46,21 +54,37 @@ if HAS_TRITON:
         m2 = p_ok[:, None] & d_ok[None, :]
         lo = tl.load(Kmin + phys[:, None] * stride_mn + kv * stride_mh + d[None, :], mask=m2, other=0.0)
         hi = tl.load(Kmax + phys[:, None] * stride_xn + kv * stride_xh + d[None, :], mask=m2, other=0.0)
-        lo = lo.to(tl.float32)
-        hi = hi.to(tl.float32)
-        empty = tl.reduce(tl.where(lo == float("inf"), 1, 0), 1, MAX) > 0  # an empty page holds kmin = +inf
-        live = p_ok & (~empty)
-        total = tl.zeros([BLOCK_P], tl.float32)
-        for gi in tl.static_range(G):
-            qg = tl.load(Q + b * stride_qb + (kv * G + gi) * stride_qh + d, mask=d_ok, other=0.0).to(tl.float32)
-            score = tl.reduce(tl.maximum(qg[None, :] * hi, qg[None, :] * lo), 1, SUM)
-            score = tl.where(live, score, float("-inf"))
+        if USE_DOT:
+            g = tl.arange(0, BLOCK_G)
+            q = tl.load(Q + b * stride_qb + (kv * G + g[:, None]) * stride_qh + d[None, :],
+                        mask=(g[:, None] < G) & d_ok[None, :], other=0.0).to(lo.dtype)  # fmt: skip
+            zero = tl.zeros([BLOCK_G, BLOCK_D], lo.dtype)
+            bound = tl.dot(hi, tl.trans(tl.maximum(q, zero)), input_precision=DOT_PRECISION)
+            bound = tl.dot(lo, tl.trans(tl.minimum(q, zero)), bound, input_precision=DOT_PRECISION)  # [BLOCK_P, BLOCK_G]
+            keep = p_ok[:, None] & (bound == bound) & (bound > float("-inf"))
+            bound = tl.where(keep, bound, float("-inf"))
             if SUM_GROUP:
-                total += score
+                total = tl.reduce(tl.where(g[None, :] < G, bound, 0.0), 1, SUM)
+                tl.store(Scores + b * stride_sb + kv * stride_sh + p, total, mask=p < n_max)
             else:
-                tl.store(Scores + b * stride_sb + (kv * G + gi) * stride_sh + p, score, mask=p < n_max)
-        if SUM_GROUP:
-            tl.store(Scores + b * stride_sb + kv * stride_sh + p, total, mask=p < n_max)
+                tl.store(Scores + b * stride_sb + (kv * G + g[None, :]) * stride_sh + p[:, None], bound,
+                         mask=(p[:, None] < n_max) & (g[None, :] < G))  # fmt: skip
+        else:
+            lo = lo.to(tl.float32)
+            hi = hi.to(tl.float32)
+            empty = tl.reduce(tl.where(lo == float("inf"), 1, 0), 1, MAX) > 0  # an empty page holds kmin = +inf
+            live = p_ok & (~empty)
+            total = tl.zeros([BLOCK_P], tl.float32)
+            for gi in tl.static_range(G):
+                qg = tl.load(Q + b * stride_qb + (kv * G + gi) * stride_qh + d, mask=d_ok, other=0.0).to(tl.float32)
+                score = tl.reduce(tl.maximum(qg[None, :] * hi, qg[None, :] * lo), 1, SUM)
+                score = tl.where(live, score, float("-inf"))
+                if SUM_GROUP:
+                    total += score
+                else:
+                    tl.store(Scores + b * stride_sb + (kv * G + gi) * stride_sh + p, score, mask=p < n_max)
+            if SUM_GROUP:
+                tl.store(Scores + b * stride_sb + kv * stride_sh + p, total, mask=p < n_max)
 
 
 def _check_scores(q, kmin, kmax, page_table, n_pages, group_reduce) -> None:
@@ -80,6 +104,7 @@ def quest_page_scores(
     page_table: torch.Tensor,
     n_pages: torch.Tensor,
     group_reduce: str = "kv_head",
+    config: dict | None = None,
 ) -> torch.Tensor:
     """Quest upper-bound scores of every logical page (Triton; CUDA or the interpreter).
 
@@ -90,6 +115,8 @@ def quest_page_scores(
     page_table : ``[B, n_max]`` int32. n_pages : ``[B]`` int32 valid logical pages per sequence.
     group_reduce : ``kv_head`` (sum over the G query heads of a group, H_sel = H_kv), ``q_head``
         (H_sel = H) or ``layer`` (sum over all heads, H_sel = 1).
+    config : launch settings for benchmarks (``bench kernels``): ``block_pages``, ``num_warps``,
+        ``dot``; default :data:`BLOCK_PAGES`, :data:`SCORE_WARPS`, :data:`USE_DOT`.
 
     Returns
     -------
@@ -105,13 +132,17 @@ def quest_page_scores(
     page_table, n_pages = page_table.contiguous(), n_pages.contiguous()
     sum_group = group_reduce != "q_head"
     scores = torch.empty(B, H_kv if sum_group else H, n_max, dtype=torch.float32, device=q.device)
-    grid = (B * H_kv, triton.cdiv(n_max, BLOCK_PAGES))
+    cfg = {"block_pages": BLOCK_PAGES, "num_warps": SCORE_WARPS, "dot": USE_DOT, **(config or {})}
+    use_dot = cfg["dot"] and q.dtype == kmin.dtype == kmax.dtype  # the products must be exact in q's dtype
+    G = H // H_kv
+    grid = (B * H_kv, triton.cdiv(n_max, cfg["block_pages"]))
     _quest_page_scores_kernel[grid](
         q, kmin, kmax, page_table, n_pages, scores,
         q.stride(0), q.stride(1), kmin.stride(0), kmin.stride(1), kmax.stride(0), kmax.stride(1),
         page_table.stride(0), scores.stride(0), scores.stride(1),
         H_kv, D, n_max,
-        G=H // H_kv, SUM_GROUP=sum_group, BLOCK_P=BLOCK_PAGES, BLOCK_D=next_pow2(D), num_warps=SCORE_WARPS,
+        G=G, SUM_GROUP=sum_group, USE_DOT=use_dot, BLOCK_P=cfg["block_pages"], BLOCK_G=max(16, next_pow2(G)),
+        BLOCK_D=max(16, next_pow2(D)), DOT_PRECISION=dot_precision(kmin.dtype), num_warps=cfg["num_warps"],
     )  # fmt: skip
     if group_reduce == "layer":
         scores = scores.sum(dim=1, keepdim=True)

@@ -12,8 +12,9 @@ bits made order-preserving as integers (-0.0 taken as +0.0), so equal scores are
 the stable sort breaks them:
 
 * ``topk_forced_select`` (Triton): one program per (sequence, selection head) holds the row in
-  registers, finds the threshold score by bisection (at most 32 halvings of the ordered ints, fewer
-  when a threshold with exactly the wanted count turns up first; ties then taken by ascending
+  registers, finds the threshold score by bisection (of the ordered ints between the row's lowest
+  and highest eligible score: at most 32 halvings, fewer when a threshold with exactly the wanted
+  count turns up first; ties then taken by ascending
   index), compacts the chosen entries and gives each its slot by counting the chosen entries
   before it: one launch where the PyTorch version takes about twenty (key packing,
   forced scatter, ``torch.topk``'s gather and radix sort, masks, concatenation). Rows up to
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from retrobench.kernels._triton import HAS_TRITON, SUM, next_pow2, require_triton, tl, triton, triton_usable
+from retrobench.kernels._triton import HAS_TRITON, MAX, MIN, SUM, next_pow2, require_triton, tl, triton, triton_usable
 
 LOW_MASK = 0xFFFFFFFF
 SELECT_MAX = 16384  # longest row the selecting kernel holds in registers (N pages / tokens)
@@ -71,9 +72,11 @@ if HAS_TRITON:
         want = tl.minimum(tl.minimum(tl.load(K + b).to(tl.int32), k_max) - lead, n_ok)
         # bisect for the largest t with at least `want` entries scoring >= t, keeping count = #(>= lo);
         # stop early once exactly `want` entries score >= lo (then no tie straddles the threshold).
-        # lo, hi are int64 so hi - lo cannot overflow; mid and lo always fit the ordered int32s.
-        lo = tl.full([], -2147483648, tl.int64)
-        hi = tl.full([], 2147483647, tl.int64)
+        # t lies between the lowest and the highest eligible score (all n_ok >= want score >= the
+        # lowest), so the halving starts there, not at the int32 range. lo, hi are int64 so hi - lo
+        # cannot overflow; mid and lo always fit the ordered int32s.
+        lo = tl.reduce(tl.where(ok, o, 2147483647), 0, MIN).to(tl.int64)
+        hi = tl.reduce(tl.where(ok, o, -2147483648), 0, MAX).to(tl.int64)
         count = n_ok
         while (lo < hi) & (count > want):
             mid = lo + (hi - lo + 1) // 2
@@ -145,9 +148,10 @@ def _select_warps(block_n: int) -> int:
 
 
 def topk_forced_select(
-    scores: torch.Tensor, k: torch.Tensor, k_max: int, forced: torch.Tensor | None = None
+    scores: torch.Tensor, k: torch.Tensor, k_max: int, forced: torch.Tensor | None = None, config: dict | None = None
 ) -> torch.Tensor:
-    """:func:`topk_forced_packed` as one Triton kernel (rows of at most :data:`SELECT_MAX` entries)."""
+    """:func:`topk_forced_packed` as one Triton kernel (rows of at most :data:`SELECT_MAX` entries);
+    ``config`` (benchmarks: ``bench kernels``) may set ``num_warps`` (default :func:`_select_warps`)."""
     _check(scores, k, k_max, forced)
     B, H_sel, N = scores.shape
     if N > SELECT_MAX:
@@ -163,7 +167,8 @@ def topk_forced_select(
     _topk_forced_select_kernel[(B * H_sel,)](
         scores, k, forced_t, out, scratch, scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
         H_sel, N, k_max, HAS_FORCED=forced is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_J=min(block_k, max(16, 8192 // block_k)), num_warps=_select_warps(block_n),
+        BLOCK_J=min(block_k, max(16, 8192 // block_k)),
+        num_warps=(config or {}).get("num_warps", _select_warps(block_n)),
     )  # fmt: skip
     return out
 

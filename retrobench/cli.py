@@ -140,7 +140,7 @@ def report_main(args: list[str]) -> int:
 
 #: ``bench <KIND>`` -> the module of :mod:`retrobench.drivers` that runs it.
 BENCHES = {"decode": "bench_decode", "engine": "bench", "cli": "bench_cli", "batch": "bench_batch", "grader": "bench_grader",
-           "profile": "bench_profile"}  # fmt: skip
+           "profile": "bench_profile", "kernels": "bench_kernels"}  # fmt: skip
 
 BENCH_HELP = """\
 usage: python -m retrobench bench [KIND] [ARGS...]     (`bench KIND --help`: that benchmark's options)
@@ -152,6 +152,7 @@ kinds (each writes CSV + markdown under results/bench/ unless --out says otherwi
   batch     a batched generation run vs batch 1 (GPU)
   grader    the LiveCodeBench sandbox grader's throughput
   profile   kernel-time sums and counts of one decode step (or prefill) per method (GPU)
+  kernels   launch settings of the selection and attention kernels, swept and timed (GPU; --smoke on CPU)
 without KIND: decode on a GPU, engine on CPU (as `make bench`)
 """
 

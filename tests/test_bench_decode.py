@@ -44,3 +44,21 @@ def test_profile_kinds_and_cpu_refusal(capsys) -> None:
     if not torch.cuda.is_available():
         assert bench_profile.main(["--out", "/nonexistent-unused"]) == 2
         assert "run it on a GPU" in capsys.readouterr().out
+
+
+def test_bench_kernels_smoke_checks_every_setting_against_the_default(tmp_path: Path) -> None:
+    from retrobench.drivers.bench_kernels import main
+
+    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader((tmp_path / "kernels_smoke.csv").open()))
+    ops = {r["op"] for r in rows}
+    assert ops == {"quest_page_scores", "topk_forced_select", "sparse_paged_attention"}
+    for op in ops:  # one default per cell, listed first; every other setting agrees with it
+        cells = {r["cell"] for r in rows if r["op"] == op}
+        for cell in cells:
+            rs = [r for r in rows if r["op"] == op and r["cell"] == cell]
+            assert [r["default"] for r in rs].count("True") == 1 and rs[0]["default"] == "True"
+            assert len({r["setting"] for r in rs}) == len(rs) > 1
+            assert all(r["same_output"] == "True" and float(r["p50_us"]) > 0 for r in rs)
+    assert "dot=1" in (tmp_path / "kernels_smoke.md").read_text()
+    assert main(["--smoke", "--ops", "scores,nope", "--out", str(tmp_path)]) == 2

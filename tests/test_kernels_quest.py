@@ -44,22 +44,24 @@ SCORE_CASES = {
 }
 
 
+@pytest.mark.parametrize("dot", [False, True], ids=["elementwise", "dot"])
 @pytest.mark.parametrize("empty_frac", [0.0, 0.3], ids=["dense", "empty-pages"])
 @pytest.mark.parametrize("group_reduce", ["kv_head", "q_head", "layer"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("name", list(SCORE_CASES))
-def test_page_scores_match_reference(name, dtype, group_reduce, empty_frac) -> None:
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")
+def test_page_scores_match_reference(name, dtype, group_reduce, empty_frac, dot) -> None:
     needs_kernel_device("cpu")
-    check_scores(SCORE_CASES[name], dtype, group_reduce, empty_frac, "cpu")
+    check_scores(SCORE_CASES[name], dtype, group_reduce, empty_frac, "cpu", {"dot": dot})
 
 
-def check_scores(shape, dtype, group_reduce, empty_frac, device) -> None:
+def check_scores(shape, dtype, group_reduce, empty_frac, device, config=None) -> None:
     seed = fresh_seed()
     B, H, H_kv, D, n_pages, n_max = shape
     args = make_meta(B, H, H_kv, D, n_pages, n_max, dtype, device, empty_frac)
     expected = quest_page_scores_ref(*args, group_reduce=group_reduce)
     with poisoned_empty():
-        scores = quest_page_scores(*args, group_reduce=group_reduce)
+        scores = quest_page_scores(*args, group_reduce=group_reduce, config=config)
     h_sel = {"kv_head": H_kv, "q_head": H, "layer": 1}[group_reduce]
     assert scores.shape == (B, h_sel, n_max) and scores.dtype == torch.float32
     assert_close("scores", scores, expected, *TOL[dtype], seed=seed)
@@ -123,8 +125,9 @@ def test_quest_method_on_triton_ops_equals_torch_ops(selection) -> None:
 
 # ---- GPU ----------------------------------------------------------------------------------------------
 @pytest.mark.gpu
+@pytest.mark.parametrize("dot", [False, True], ids=["elementwise", "dot"])
 @pytest.mark.parametrize("group_reduce", ["kv_head", "q_head", "layer"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_page_scores_match_reference_gpu(dtype, group_reduce) -> None:
+def test_page_scores_match_reference_gpu(dtype, group_reduce, dot) -> None:
     needs_kernel_device("cuda")
-    check_scores((2, 32, 8, 128, (256, 190), 257), dtype, group_reduce, 0.05, "cuda")
+    check_scores((2, 32, 8, 128, (256, 190), 257), dtype, group_reduce, 0.05, "cuda", {"dot": dot})
