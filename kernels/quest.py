@@ -58,9 +58,10 @@ if HAS_TRITON:
             g = tl.arange(0, BLOCK_G)
             q = tl.load(Q + b * stride_qb + (kv * G + g[:, None]) * stride_qh + d[None, :],
                         mask=(g[:, None] < G) & d_ok[None, :], other=0.0).to(lo.dtype)  # fmt: skip
-            zero = tl.zeros([BLOCK_G, BLOCK_D], lo.dtype)
-            bound = tl.dot(hi, tl.trans(tl.maximum(q, zero)), input_precision=DOT_PRECISION)
-            bound = tl.dot(lo, tl.trans(tl.minimum(q, zero)), bound, input_precision=DOT_PRECISION)  # [BLOCK_P, BLOCK_G]
+            q_pos = tl.where(q > 0, q, 0.0).to(lo.dtype)  # exact: the same values in the same dtype
+            q_neg = tl.where(q < 0, q, 0.0).to(lo.dtype)
+            bound = tl.dot(hi, tl.trans(q_pos), input_precision=DOT_PRECISION)
+            bound = tl.dot(lo, tl.trans(q_neg), bound, input_precision=DOT_PRECISION)  # [BLOCK_P, BLOCK_G]
             keep = p_ok[:, None] & (bound == bound) & (bound > float("-inf"))
             bound = tl.where(keep, bound, float("-inf"))
             if SUM_GROUP:
