@@ -201,8 +201,14 @@ def _check(q, k_cache, v_cache, page_table, pages, q_pos, key_mask, page_step, q
         raise ValueError(f"num_units must be [B], got {tuple(num_units.shape)}")
 
 
-def launch_config(rows: int) -> dict:
-    """Launch settings for ``rows`` packed query rows per selection head (G_sel * S)."""
+def launch_config(rows: int, split_tokens: int) -> dict:
+    """Launch settings for ``rows`` packed query rows per selection head (G_sel * S) and splits of
+    ``split_tokens`` keys: 64-key tiles, 4 warps, 2 stages; with more than 16 rows (RetroAttention at
+    w = 8: 32) and splits of 4 tiles or more, 32-key tiles and 3 stages. H200, 2,048 keys
+    (``bench kernels``, results/bench/kernels.md): batch 8 at 32 rows, 45 us against 62; batch 1's
+    splits of 128 keys are fastest with the first setting."""
+    if rows > 16 and split_tokens >= 4 * BLOCK_N:
+        return {"max_block_m": MAX_BLOCK_M, "block_n": 32, "num_warps": 4, "num_stages": 3}
     return {"max_block_m": MAX_BLOCK_M, "block_n": BLOCK_N, "num_warps": 4, "num_stages": 2}
 
 
@@ -269,12 +275,13 @@ def sparse_paged_attention(
             raise ValueError(f"{name} must be contiguous in its last dimension")
     K_units = pages.shape[2]
     num_tokens = K_units * P
-    cfg = {**launch_config(G_sel * S), **(config or {})}
-    block_m = min(max(16, next_pow2(G_sel * S)), cfg["max_block_m"])
+    max_block_m = (config or {}).get("max_block_m", MAX_BLOCK_M)
+    block_m = min(max(16, next_pow2(G_sel * S)), max_block_m)
     row_blocks = -(-(G_sel * S) // block_m)
     splits = num_splits if num_splits is not None else default_num_splits(q, H_sel, num_tokens, row_blocks)
     if splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {splits}")
+    cfg = {**launch_config(G_sel * S, -(-num_tokens // splits)), **(config or {})}
 
     # out is a [B, H, S, D] view of [B, S, H, D] memory: the layer's output layout, so the engine's
     # transpose back to [B, S, H, D] copies nothing when S > 1 (RetroAttention's window rows)

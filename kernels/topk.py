@@ -47,6 +47,7 @@ if HAS_TRITON:
         stride_sb, stride_sh, stride_ob, stride_oh,
         H_sel, N, k_max,
         HAS_FORCED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
+        ROW_BOUNDS: tl.constexpr,
     ):  # fmt: skip
         """One program per (b, selection head), the row in registers: the threshold score by bisection,
         the chosen entries compacted into scratch, then each one's slot by counting the chosen entries
@@ -75,8 +76,12 @@ if HAS_TRITON:
         # t lies between the lowest and the highest eligible score (all n_ok >= want score >= the
         # lowest), so the halving starts there, not at the int32 range. lo, hi are int64 so hi - lo
         # cannot overflow; mid and lo always fit the ordered int32s.
-        lo = tl.reduce(tl.where(ok, o, 2147483647), 0, MIN).to(tl.int64)
-        hi = tl.reduce(tl.where(ok, o, -2147483648), 0, MAX).to(tl.int64)
+        if ROW_BOUNDS:
+            lo = tl.reduce(tl.where(ok, o, 2147483647), 0, MIN).to(tl.int64)
+            hi = tl.reduce(tl.where(ok, o, -2147483648), 0, MAX).to(tl.int64)
+        else:  # the whole int32 range (benchmarks: the earlier start)
+            lo = tl.full([], -2147483648, tl.int64)
+            hi = tl.full([], 2147483647, tl.int64)
         count = n_ok
         while (lo < hi) & (count > want):
             mid = lo + (hi - lo + 1) // 2
@@ -151,7 +156,9 @@ def topk_forced_select(
     scores: torch.Tensor, k: torch.Tensor, k_max: int, forced: torch.Tensor | None = None, config: dict | None = None
 ) -> torch.Tensor:
     """:func:`topk_forced_packed` as one Triton kernel (rows of at most :data:`SELECT_MAX` entries);
-    ``config`` (benchmarks: ``bench kernels``) may set ``num_warps`` (default :func:`_select_warps`)."""
+    ``config`` (benchmarks: ``bench kernels``) may set ``num_warps`` (default :func:`_select_warps`) and
+    ``row_bounds`` (default True: the bisection starts between the row's lowest and highest eligible
+    score; False: over the whole int32 range, as before)."""
     _check(scores, k, k_max, forced)
     B, H_sel, N = scores.shape
     if N > SELECT_MAX:
@@ -164,11 +171,12 @@ def topk_forced_select(
     scratch = torch.empty(B * H_sel, 2, block_k, dtype=torch.int32, device=scores.device)
     forced_t = k if forced is None else forced.to(device=scores.device).contiguous()  # unread without forced
     block_n = max(16, next_pow2(N))
+    cfg = config or {}
     _topk_forced_select_kernel[(B * H_sel,)](
         scores, k, forced_t, out, scratch, scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
         H_sel, N, k_max, HAS_FORCED=forced is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_J=min(block_k, max(16, 8192 // block_k)),
-        num_warps=(config or {}).get("num_warps", _select_warps(block_n)),
+        BLOCK_J=min(block_k, max(16, 8192 // block_k)), ROW_BOUNDS=cfg.get("row_bounds", True),
+        num_warps=cfg.get("num_warps", _select_warps(block_n)),
     )  # fmt: skip
     return out
 

@@ -221,6 +221,8 @@ def test_rejects_bad_shapes() -> None:
 GPU_CASES = {
     "llama8b-s1": Case(B=2, H=32, H_kv=8, S=1, D=128, P=16, lengths=(4096, 3001), K=128),
     "llama8b-s3-step": Case(B=2, H=32, H_kv=8, S=3, D=128, P=16, lengths=(4096, 4097), K=128, page_step=True),
+    # 32 rows a program: long splits (splits1, splits5) take launch_config's 32-key tiles, 3 stages
+    "llama8b-s8-step": Case(B=2, H=32, H_kv=8, S=8, D=128, P=16, lengths=(4096, 4100), K=128, page_step=True),
     "llama8b-mask-full": Case(B=1, H=32, H_kv=8, S=2, D=128, P=16, lengths=(2049,), select="full", key_mask=True),
     "qwen-d80-gqa4": Case(B=3, H=16, H_kv=4, S=1, D=80, P=32, lengths=(999, 2048, 31), K=40),
     "llama8b-qhead-units": Case(B=2, H=32, H_kv=8, S=2, D=128, P=16, lengths=(4096, 3001), K=128, per_qhead=True,

@@ -3,9 +3,10 @@
 ``python -m retrobench bench kernels`` times three ops at the bench model's shape (Llama-3.1-8B: H = 32,
 H_kv = 8, D = 128, bf16, page 16) under a grid of launch settings, the ``config`` argument each op
 takes: Quest's page scores (pages per program, warps, elementwise or matrix-product bound), the
-top-k (warps) and the sparse attention at one, two and eight query rows per sequence (RetroAttention's
-window at w = 1, 2, 8: warps, pipeline stages, keys per tile, rows per program, split-K). Each cell
-is one op at one shape (batch 1 and 8; 8K, 32K and 128K context; Quest's 2,048-token budget).
+top-k (warps, where its bisection starts) and the sparse attention at one, two and eight query rows
+per sequence (RetroAttention's window at w = 1, 2, 8: warps, pipeline stages, keys per tile, rows
+per program, split-K). Each cell is one op at one shape (batch 1 and 8; 8K, 32K and 128K context;
+Quest's 2,048-token budget).
 
 Every setting runs on the same inputs as the op's default setting and its output is compared with
 the default's (top-k: equal; scores and attention: within bf16 tolerance); a setting whose output
@@ -118,8 +119,8 @@ def topk_cells(smoke: bool, dev: str, dtype: torch.dtype) -> list[dict]:
         block_n = max(16, 1 << (n - 1).bit_length())
         cells.append({
             "op": "topk_forced_select", "cell": f"B={B} entries={n} k={k_max}",
-            "settings": grid(num_warps=[1, 2] if smoke else [4, 8, 16]),
-            "default": {"num_warps": topk._select_warps(block_n)},
+            "settings": grid(num_warps=[1, 2] if smoke else [4, 8, 16], row_bounds=[True, False]),
+            "default": {"num_warps": topk._select_warps(block_n), "row_bounds": True},
             "run": lambda cfg, a=(scores, k, k_max, forced): topk.topk_forced_select(*a, config=cfg),
             "bytes": B * H_sel * n * 4, "tol": 0.0,
         })  # fmt: skip
@@ -162,7 +163,7 @@ def attention_cells(smoke: bool, dev: str, dtype: torch.dtype) -> list[dict]:
 
         cells.append({
             "op": "sparse_paged_attention", "cell": f"B={B} S={S} keys={budget} ctx={context}", "settings": settings,
-            "default": {**pa.launch_config(rows), "num_splits": auto}, "run": run,
+            "default": {**pa.launch_config(rows, -(-budget // auto)), "num_splits": auto}, "run": run,
             "bytes": B * H_kv * budget * 2 * D * k_cache.element_size(), "tol": 2e-2,
         })  # fmt: skip
     return cells
