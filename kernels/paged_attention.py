@@ -201,14 +201,17 @@ def _check(q, k_cache, v_cache, page_table, pages, q_pos, key_mask, page_step, q
         raise ValueError(f"num_units must be [B], got {tuple(num_units.shape)}")
 
 
+#: Launch settings ``bench kernels`` measured faster with more than 16 rows a program (RetroAttention
+#: at w = 8: 32) and splits of 4 tiles or more: H200, batch 8, 2,048 keys, 45 us against 62
+#: (results/bench/kernels.md); batch 1's splits of 128 keys are fastest with the default. Not yet
+#: the default: the CUDA-graph backend tests of that path have not run on the GPU (no GPU machine
+#: could be started that session). ``config=MANY_ROWS_LONG_SPLITS`` takes them.
+MANY_ROWS_LONG_SPLITS = {"block_n": 32, "num_warps": 4, "num_stages": 3}
+
+
 def launch_config(rows: int, split_tokens: int) -> dict:
     """Launch settings for ``rows`` packed query rows per selection head (G_sel * S) and splits of
-    ``split_tokens`` keys: 64-key tiles, 4 warps, 2 stages; with more than 16 rows (RetroAttention at
-    w = 8: 32) and splits of 4 tiles or more, 32-key tiles and 3 stages. H200, 2,048 keys
-    (``bench kernels``, results/bench/kernels.md): batch 8 at 32 rows, 45 us against 62; batch 1's
-    splits of 128 keys are fastest with the first setting."""
-    if rows > 16 and split_tokens >= 4 * BLOCK_N:
-        return {"max_block_m": MAX_BLOCK_M, "block_n": 32, "num_warps": 4, "num_stages": 3}
+    ``split_tokens`` keys: 64-key tiles, 4 warps, 2 stages (see :data:`MANY_ROWS_LONG_SPLITS`)."""
     return {"max_block_m": MAX_BLOCK_M, "block_n": BLOCK_N, "num_warps": 4, "num_stages": 2}
 
 

@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("triton")
 
 from retrobench.kernels._testing import assert_close, fresh_seed, needs_kernel_device, poisoned_empty
-from retrobench.kernels.paged_attention import sparse_paged_attention, sparse_paged_attention_ref
+from retrobench.kernels.paged_attention import MANY_ROWS_LONG_SPLITS, sparse_paged_attention, sparse_paged_attention_ref
 
 INT32_MAX = 2**31 - 1
 # (atol, rtol) per dtype for out; lse is fp32 in both, from the same rounded inputs.
@@ -149,12 +149,12 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str = "cpu"):
     return args, kwargs
 
 
-def check(case: Case, dtype: torch.dtype, num_splits, device: str = "cpu") -> None:
+def check(case: Case, dtype: torch.dtype, num_splits, device: str = "cpu", config: dict | None = None) -> None:
     seed = fresh_seed()
     args, kwargs = make_inputs(case, dtype, device)
     expected_out, expected_lse = sparse_paged_attention_ref(*args, **kwargs)
     with poisoned_empty():
-        out, lse = sparse_paged_attention(*args, **kwargs, num_splits=num_splits)
+        out, lse = sparse_paged_attention(*args, **kwargs, num_splits=num_splits, config=config)
     assert out.dtype == args[0].dtype and lse.dtype == torch.float32
     assert out.transpose(1, 2).is_contiguous(), "out must be a view of [B, S, H, D] memory (the layer's layout)"
     assert_close("lse", lse, expected_lse, *TOL_LSE[dtype], seed=seed)
@@ -221,7 +221,7 @@ def test_rejects_bad_shapes() -> None:
 GPU_CASES = {
     "llama8b-s1": Case(B=2, H=32, H_kv=8, S=1, D=128, P=16, lengths=(4096, 3001), K=128),
     "llama8b-s3-step": Case(B=2, H=32, H_kv=8, S=3, D=128, P=16, lengths=(4096, 4097), K=128, page_step=True),
-    # 32 rows a program: long splits (splits1, splits5) take launch_config's 32-key tiles, 3 stages
+    # 32 rows a program, the shape MANY_ROWS_LONG_SPLITS is measured for
     "llama8b-s8-step": Case(B=2, H=32, H_kv=8, S=8, D=128, P=16, lengths=(4096, 4100), K=128, page_step=True),
     "llama8b-mask-full": Case(B=1, H=32, H_kv=8, S=2, D=128, P=16, lengths=(2049,), select="full", key_mask=True),
     "qwen-d80-gqa4": Case(B=3, H=16, H_kv=4, S=1, D=80, P=32, lengths=(999, 2048, 31), K=40),
@@ -241,6 +241,15 @@ GPU_CASES = {
 def test_matches_reference_gpu(name: str, dtype: torch.dtype, num_splits) -> None:
     needs_kernel_device("cuda")
     check(GPU_CASES.get(name) or CASES[name], dtype, num_splits, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [1, 5], ids=["splits1", "splits5"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_many_rows_long_splits_setting_matches_reference_gpu(dtype: torch.dtype, num_splits) -> None:
+    """The launch settings measured faster at 32 rows a program (32-key tiles, 3 stages)."""
+    needs_kernel_device("cuda")
+    check(GPU_CASES["llama8b-s8-step"], dtype, num_splits, device="cuda", config=MANY_ROWS_LONG_SPLITS)
 
 
 @pytest.mark.gpu
