@@ -14,10 +14,10 @@ the stable sort breaks them:
 * ``topk_forced_select`` (Triton): one program per (sequence, selection head) holds the row in
   registers, finds the threshold score by bisection (of the ordered ints between the row's lowest
   and highest eligible score: at most 32 halvings, fewer when a threshold with exactly the wanted
-  count turns up first; ties then taken by ascending
-  index), compacts the chosen entries and gives each its slot by counting the chosen entries
-  before it: one launch where the PyTorch version takes about twenty (key packing,
-  forced scatter, ``torch.topk``'s gather and radix sort, masks, concatenation). Rows up to
+  count turns up first; ties then taken by ascending index), compacts the chosen entries and
+  gives each its slot by counting the chosen entries before it: one launch where the PyTorch
+  version takes about twenty (key packing, forced scatter, ``torch.topk``'s gather and radix
+  sort, masks, concatenation). Rows up to
   :data:`SELECT_MAX` entries (256K tokens at page 16). Measured dead ends (H200, 32K context):
   sorting each row in one program (``tl.sort``) took 30 us per call; ranking every entry by
   counting over the whole row (N² comparisons spread over the GPU) took 190 us per call at batch 8.
