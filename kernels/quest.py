@@ -19,9 +19,9 @@ from retrobench.kernels._triton import HAS_TRITON, MAX, SUM, dot_precision, next
 GROUP_REDUCES = ("kv_head", "q_head", "layer")
 # pages and warps per program: within 5 % of the best of 8-64 pages x 1-8 warps on the H200 at
 # 512-8192 pages, batch 1 and 8 (results/bench/steps/sweep_scores_topk.md). `bench kernels` measured
-# the matrix-product bound (dot) at 64 pages x 2 warps 1.2-1.45x faster from 2048 pages up
+# the matrix-product bound (dot) at 64 pages x 2 warps 1.2-1.4x faster from 2048 pages up
 # (results/bench/kernels.md); it becomes the default once its CUDA-graph backend tests have run on
-# the GPU (they could not this session: no GPU machine could be started).
+# the GPU (not yet run).
 BLOCK_PAGES = 16
 SCORE_WARPS = 2
 USE_DOT = False
