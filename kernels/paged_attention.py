@@ -203,12 +203,21 @@ def _check(q, k_cache, v_cache, page_table, pages, q_pos, key_mask, page_step, q
 
 #: Launch settings of the kernel (``config`` overrides any of them, for ``bench kernels``).
 DEFAULT_LAUNCH = {"max_block_m": MAX_BLOCK_M, "block_n": BLOCK_N, "num_warps": 4, "num_stages": 2}
-#: Settings ``bench kernels`` measured faster with more than 16 rows a program (RetroAttention at
-#: w = 8: 32) and splits of 4 tiles or more: H200, batch 8, 2,048 keys, 45 us against 62
-#: (results/bench/kernels.md); batch 1's splits of 128 keys are fastest with the default. Not yet
-#: the default: the CUDA-graph backend tests of that path have not run on the GPU.
-#: ``config=MANY_ROWS_LONG_SPLITS`` takes them.
+#: Settings taken over :data:`DEFAULT_LAUNCH` with more than 16 rows a program (RetroAttention at
+#: w = 8: 32) and splits of 4 default tiles or more (:func:`launch_settings`): ``bench kernels``
+#: measured them faster there, H200, batch 8, 2,048 keys, 45 us against 62
+#: (results/bench/kernels.md); batch 1's splits of 128 keys are fastest with the default.
 MANY_ROWS_LONG_SPLITS = {"block_n": 32, "num_warps": 4, "num_stages": 3}
+
+
+def launch_settings(rows: int, split_tokens: int, config: dict | None = None) -> dict:
+    """Launch settings for ``rows`` packed query rows a program (G_sel * S) and splits of
+    ``split_tokens`` keys: :data:`DEFAULT_LAUNCH`, with :data:`MANY_ROWS_LONG_SPLITS` over it when
+    ``rows > 16`` and ``split_tokens >= 4 * BLOCK_N``; ``config`` overrides any key."""
+    cfg = dict(DEFAULT_LAUNCH)
+    if rows > 16 and split_tokens >= 4 * DEFAULT_LAUNCH["block_n"]:
+        cfg.update(MANY_ROWS_LONG_SPLITS)
+    return {**cfg, **(config or {})}
 
 
 def default_num_splits(q: torch.Tensor, num_sel_heads: int, num_tokens: int, row_blocks: int = 1) -> int:
@@ -255,7 +264,7 @@ def sparse_paged_attention(
         (lists compacted to the front; the split-K shares are sized by it, per sequence).
     num_splits : split-K factor (default: fill the device, see :func:`default_num_splits`).
     config : launch settings for benchmarks (``bench kernels``): ``max_block_m``, ``block_n``,
-        ``num_warps``, ``num_stages``; default :data:`DEFAULT_LAUNCH`.
+        ``num_warps``, ``num_stages``; default :func:`launch_settings`.
 
     Returns
     -------
@@ -274,12 +283,13 @@ def sparse_paged_attention(
             raise ValueError(f"{name} must be contiguous in its last dimension")
     K_units = pages.shape[2]
     num_tokens = K_units * P
-    cfg = {**DEFAULT_LAUNCH, **(config or {})}
-    block_m = min(max(16, next_pow2(G_sel * S)), cfg["max_block_m"])
+    max_block_m = (config or {}).get("max_block_m", DEFAULT_LAUNCH["max_block_m"])
+    block_m = min(max(16, next_pow2(G_sel * S)), max_block_m)
     row_blocks = -(-(G_sel * S) // block_m)
     splits = num_splits if num_splits is not None else default_num_splits(q, H_sel, num_tokens, row_blocks)
     if splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {splits}")
+    cfg = launch_settings(G_sel * S, -(-num_tokens // splits), config)
 
     # out is a [B, H, S, D] view of [B, S, H, D] memory: the layer's output layout, so the engine's
     # transpose back to [B, S, H, D] copies nothing when S > 1 (RetroAttention's window rows)

@@ -17,14 +17,12 @@ import torch
 from retrobench.kernels._triton import HAS_TRITON, MAX, SUM, dot_precision, next_pow2, require_triton, tl, triton
 
 GROUP_REDUCES = ("kv_head", "q_head", "layer")
-# pages and warps per program: within 5 % of the best of 8-64 pages x 1-8 warps on the H200 at
-# 512-8192 pages, batch 1 and 8 (results/bench/steps/sweep_scores_topk.md). `bench kernels` measured
-# the matrix-product bound (dot) at 64 pages x 2 warps 1.2-1.4x faster from 2048 pages up
-# (results/bench/kernels.md); it becomes the default once its CUDA-graph backend tests have run on
-# the GPU (not yet run).
-BLOCK_PAGES = 16
+# the bound as two matrix products, 64 pages and 2 warps a program: within 10 % of the best setting
+# at every shape of `bench kernels` on the H200 (512-8192 pages, batch 1 and 8), 1.2-1.4x faster
+# than the elementwise bound at 16 pages x 2 warps from 2048 pages up (results/bench/kernels.md)
+BLOCK_PAGES = 64
 SCORE_WARPS = 2
-USE_DOT = False
+USE_DOT = True
 
 if HAS_TRITON:
 

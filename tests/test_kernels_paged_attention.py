@@ -18,7 +18,13 @@ import torch
 pytest.importorskip("triton")
 
 from retrobench.kernels._testing import assert_close, fresh_seed, needs_kernel_device, poisoned_empty
-from retrobench.kernels.paged_attention import MANY_ROWS_LONG_SPLITS, sparse_paged_attention, sparse_paged_attention_ref
+from retrobench.kernels.paged_attention import (
+    DEFAULT_LAUNCH,
+    MANY_ROWS_LONG_SPLITS,
+    launch_settings,
+    sparse_paged_attention,
+    sparse_paged_attention_ref,
+)
 
 INT32_MAX = 2**31 - 1
 # (atol, rtol) per dtype for out; lse is fp32 in both, from the same rounded inputs.
@@ -173,6 +179,20 @@ def test_matches_reference(name: str, dtype: torch.dtype, num_splits: int) -> No
     check(CASES[name], dtype, num_splits)
 
 
+def test_launch_settings_take_short_tiles_only_for_many_rows_and_long_splits() -> None:
+    assert launch_settings(16, 4096) == DEFAULT_LAUNCH
+    assert launch_settings(32, 4 * DEFAULT_LAUNCH["block_n"] - 1) == DEFAULT_LAUNCH
+    assert launch_settings(32, 4 * DEFAULT_LAUNCH["block_n"]) == {**DEFAULT_LAUNCH, **MANY_ROWS_LONG_SPLITS}
+    assert launch_settings(32, 4096, {"block_n": 16})["block_n"] == 16  # config wins
+
+
+def test_many_rows_long_splits_default_matches_reference() -> None:
+    """32 rows a program, one split of 256 keys: the default launch takes MANY_ROWS_LONG_SPLITS."""
+    needs_kernel_device("cpu")
+    case = Case(H=8, H_kv=2, S=8, D=16, P=16, lengths=(300, 260), K=16, page_step=True)
+    check(case, torch.float32, 1)
+
+
 def test_default_splits_and_more_splits_than_tiles() -> None:
     needs_kernel_device("cpu")
     case = Case(H=6, H_kv=2, S=3, D=24, P=4, lengths=(41, 26), K=8)
@@ -246,10 +266,10 @@ def test_matches_reference_gpu(name: str, dtype: torch.dtype, num_splits) -> Non
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_splits", [1, 5], ids=["splits1", "splits5"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_many_rows_long_splits_setting_matches_reference_gpu(dtype: torch.dtype, num_splits) -> None:
-    """The launch settings measured faster at 32 rows a program (32-key tiles, 3 stages)."""
+def test_default_tiles_at_many_rows_match_reference_gpu(dtype: torch.dtype, num_splits) -> None:
+    """32 rows a program with the 64-key tiles (the default takes MANY_ROWS_LONG_SPLITS there)."""
     needs_kernel_device("cuda")
-    check(GPU_CASES["llama8b-s8-step"], dtype, num_splits, device="cuda", config=MANY_ROWS_LONG_SPLITS)
+    check(GPU_CASES["llama8b-s8-step"], dtype, num_splits, device="cuda", config=DEFAULT_LAUNCH)
 
 
 @pytest.mark.gpu

@@ -163,7 +163,7 @@ def attention_cells(smoke: bool, dev: str, dtype: torch.dtype) -> list[dict]:
 
         cells.append({
             "op": "sparse_paged_attention", "cell": f"B={B} S={S} keys={budget} ctx={context}", "settings": settings,
-            "default": {**pa.DEFAULT_LAUNCH, "num_splits": auto}, "run": run,
+            "default": {**pa.launch_settings(rows, -(-K * P // auto)), "num_splits": auto}, "run": run,
             "bytes": B * H_kv * budget * 2 * D * k_cache.element_size(), "tol": 2e-2,
         })  # fmt: skip
     return cells
