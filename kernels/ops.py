@@ -53,7 +53,7 @@ class Ops:
     dense_attention: Callable
     prefill_attention: Callable
     mark_loaded: Callable
-    retro_merge: Callable
+    retro_upkeep: Callable
 
     def impl(self) -> dict[str, Callable]:
         return {k: v for k, v in vars(self).items() if callable(v)}
@@ -63,7 +63,7 @@ TORCH_OPS = Ops(
     name="torch",
     capturable=False,
     kernels=frozenset({"sparse_attention", "page_scores", "topk_forced", "update_page_minmax", "write_kv",
-                       "paged_logits", "dense_attention", "prefill_attention", "mark_loaded", "retro_merge"}),  # fmt: skip
+                       "paged_logits", "dense_attention", "prefill_attention", "mark_loaded", "retro_upkeep"}),  # fmt: skip
     sparse_attention=paged_attention.sparse_paged_attention_ref,
     page_scores=quest.quest_page_scores_ref,
     topk_forced=topk.topk_forced_ref,
@@ -73,14 +73,14 @@ TORCH_OPS = Ops(
     dense_attention=dense.dense_attention_sdpa,
     prefill_attention=dense.prefill_attention_sdpa,
     mark_loaded=retro.mark_loaded_ref,
-    retro_merge=retro.retro_merge_ref,
+    retro_upkeep=retro.retro_upkeep_ref,
 )
 
 TRITON_OPS = Ops(
     name="triton",
     capturable=True,
     kernels=frozenset({"sparse_attention", "page_scores", "update_page_minmax", "write_kv", "paged_logits",
-                       "dense_attention", "prefill_attention", "mark_loaded", "retro_merge"}),  # fmt: skip
+                       "dense_attention", "prefill_attention", "mark_loaded", "retro_upkeep"}),  # fmt: skip
     sparse_attention=paged_attention.sparse_paged_attention,
     page_scores=quest.quest_page_scores,
     topk_forced=topk.topk_forced,
@@ -90,7 +90,7 @@ TRITON_OPS = Ops(
     dense_attention=dense.dense_attention,
     prefill_attention=dense.prefill_attention_sdpa,
     mark_loaded=retro.mark_loaded,
-    retro_merge=retro.retro_merge,
+    retro_upkeep=retro.retro_upkeep,
 )
 
 #: ``engine.prefill_chunk=auto``: prompt tokens per prefill forward by device type. On a GPU a chunk

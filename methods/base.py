@@ -148,9 +148,14 @@ class Accounting:
 
         The scratch is allocated at the first call, which runs eagerly (graph warm-up) before any capture.
         """
+        self.slot(layer, name, value.shape, value.dtype, value.device).copy_(value)
+
+    def slot(self, layer: int, name: str, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``layer``'s entry of the scratch ``name`` (allocated at the first call, like :meth:`keep`), for an
+        op to write its result into directly, sparing :meth:`keep`'s copy."""
         if name not in self.kept:
-            self.kept[name] = torch.zeros(self.num_layers, *value.shape, dtype=value.dtype, device=value.device)
-        self.kept[name][layer].copy_(value)
+            self.kept[name] = torch.zeros(self.num_layers, *shape, dtype=dtype, device=device)
+        return self.kept[name][layer]
 
     def _row(self, values: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         unknown = set(values) - set(self.index)

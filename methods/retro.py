@@ -198,13 +198,16 @@ class RetroMethod(Method):
                 rows = torch.cat([past_q, q[:, :, -1:]], dim=2)
             out, lse = attend_selection(layer, rows, fwd, sel, page_step=A, q_step=fwd.q_step)
         self.selector.observe(layer, q_cur, sel, lse[:, :, -1], fwd, state.base)
-        if slots:  # past rows merged into the output cache (and leave the layer merged); the current row kept
-            fwd.ops.retro_merge(out, lse, state.out[layer], state.lse[layer], state.cur_out[layer], state.cur_lse[layer])
+        # A before this step (the supplement counts of end_step), straight into the step's scratch
+        seen = fwd.acct.slot(layer, "seen", sel.units.shape, A.dtype, A.device) if S > 1 else None
+        if slots:  # past rows merged into the output cache (and leave the layer merged), the current row
+            # kept, and A <- step for S_T: one op
+            fwd.ops.retro_upkeep(A, sel.units, fwd.step, out, lse, state.out[layer], state.lse[layer],
+                                 state.cur_out[layer], state.cur_lse[layer], seen=seen)  # fmt: skip
             if state.query is not None:
                 state.cur_query[layer] = q_cur
-        seen = fwd.ops.mark_loaded(A, sel.units, fwd.step)  # A before this step, then A <- step for S_T
-        if S > 1:
-            fwd.acct.keep(layer, "seen", seen)
+        else:
+            fwd.ops.mark_loaded(A, sel.units, fwd.step, seen=seen)
         return out, lse
 
     def end_step(self, fwd: Forward) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ from retrobench.kernels.ops import TRITON_OPS
 pytest.importorskip("triton")
 
 # retro over quest (kv_head selection) runs every op quest-kv_head runs (page_scores, update_page_minmax,
-# topk, sparse_attention) plus mark_loaded and retro_merge; quest-kv_head itself is checked on tiny_random.
+# topk, sparse_attention) plus retro_upkeep; quest-kv_head itself is checked on tiny_random.
 SMOLLM2_CASES = ("retro-quest-w2",)
 REFS = {
     paged_attention: "sparse_paged_attention_ref", quest: "quest_page_scores_ref", topk: "topk_forced_ref",
@@ -101,7 +101,8 @@ def assert_equivalent(runs, name: str, atol: float = 1e-4) -> None:
     assert (calls["sparse_attention"] > 0) == (name != "full"), f"{name}: sparse_attention {calls['sparse_attention']}"
     needed = {"page_scores": "quest" in name or name.startswith("retro-quest"),
               "paged_logits": any(k in name for k in ("oracle", "infllm", "tova")),
-              "mark_loaded": name.startswith("retro"), "retro_merge": name.startswith("retro") and "-w1" not in name,
+              "mark_loaded": name.startswith("retro") and "-w1" in name,  # w = 1: no past rows to merge
+              "retro_upkeep": name.startswith("retro") and "-w1" not in name,
               "update_page_minmax": "quest" in name}  # fmt: skip
     for op, used in needed.items():
         assert (calls[op] > 0) == used, f"{name}: {op} called {calls[op]} times"

@@ -2,9 +2,10 @@
 
 Both ops work in place, so each test runs the kernel and the reference on clones of the same fresh
 random state and compares every tensor they touch. ``mark_loaded``: unique unit lists with padding
-anywhere, lists shorter and longer than the block. ``retro_merge``: windows w = 2..8 with S - 1
-past rows (fewer rows than slots too), empty cache slots (LSE -inf) and rows that saw nothing,
-odd head dims. Fresh seed per test, printed on failure.
+anywhere, lists shorter and longer than the block, into a caller's buffer too. ``retro_merge``:
+windows w = 2..8 with S - 1 past rows (fewer rows than slots too), empty cache slots (LSE -inf)
+and rows that saw nothing, odd head dims. ``retro_upkeep`` (both in one launch) against the two
+references. Fresh seed per test, printed on failure.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ import pytest
 import torch
 
 from retrobench.kernels._testing import assert_close, fresh_seed, needs_kernel_device, poisoned_empty
-from retrobench.kernels.retro import mark_loaded, mark_loaded_ref, retro_merge, retro_merge_ref
+from retrobench.kernels.retro import (
+    mark_loaded,
+    mark_loaded_ref,
+    retro_merge,
+    retro_merge_ref,
+    retro_upkeep,
+    retro_upkeep_ref,
+)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -33,11 +41,14 @@ def test_mark_loaded_matches_reference(device, B, H_sel, K, U) -> None:
     A = torch.randint(-1, 50, (B, H_sel, U + 1), dtype=torch.int32, device=device)
     units = unit_lists(B, H_sel, K, U, device)
     step = torch.randint(50, 60, (B,), device=device)
-    A_ref = A.clone()
+    A_ref, A_buf = A.clone(), A.clone()
     with poisoned_empty():
         seen = mark_loaded(A, units, step)
     seen_ref = mark_loaded_ref(A_ref, units, step)
     assert torch.equal(seen, seen_ref), f"seed {seed}"
+    buf = torch.full((2, B, H_sel, K), 7777, dtype=torch.int32, device=device)  # a scratch row, like the step's
+    assert mark_loaded(A_buf, units, step, seen=buf[1]).data_ptr() == buf[1].data_ptr()
+    assert torch.equal(buf[1], seen_ref) and torch.all(buf[0] == 7777) and torch.equal(A_buf, A_ref), f"seed {seed}"
     assert torch.equal(A, A_ref), f"seed {seed}"
     valid = units >= 0
     assert torch.all(seen[~valid] == -1) and torch.all(torch.gather(A, 2, units.long().clamp(min=0))[valid]
@@ -68,6 +79,30 @@ def test_retro_merge_matches_reference(device, dtype, B, H, S, slots, D) -> None
     ref = [t.clone() for t in state]
     retro_merge(*state)
     retro_merge_ref(*ref)
+    atol = 1e-5 if dtype == torch.float32 else 2e-3
+    for name, ours, want in zip(("out", "lse", "cache_out", "cache_lse", "cur_out", "cur_lse"), state, ref):
+        assert_close(name, ours, want, atol=atol, rtol=atol, seed=seed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(("B", "H", "S", "slots", "D", "H_sel", "K", "U"),
+                         [(1, 2, 2, 1, 8, 1, 5, 9), (2, 4, 3, 7, 24, 2, 40, 41), (2, 3, 1, 2, 16, 3, 7, 20),
+                          (3, 32, 8, 7, 128, 8, 128, 300)])  # fmt: skip
+def test_retro_upkeep_matches_references(device, dtype, B, H, S, slots, D, H_sel, K, U) -> None:
+    needs_kernel_device(device)
+    seed = fresh_seed()
+    state = merge_state(B, H, S, slots, D, dtype, device)
+    A = torch.randint(-1, 50, (B, H_sel, U + 1), dtype=torch.int32, device=device)
+    units = unit_lists(B, H_sel, K, U, device)
+    step = torch.randint(50, 60, (B,), device=device)
+    ref = [t.clone() for t in state]
+    A_ref = A.clone()
+    seen = torch.full((B, H_sel, K), 7777, dtype=torch.int32, device=device)
+    with poisoned_empty():
+        assert retro_upkeep(A, units, step, *state, seen=seen) is seen
+    seen_ref = retro_upkeep_ref(A_ref, units, step, *ref)
+    assert torch.equal(seen, seen_ref) and torch.equal(A, A_ref), f"seed {seed}"
     atol = 1e-5 if dtype == torch.float32 else 2e-3
     for name, ours, want in zip(("out", "lse", "cache_out", "cache_lse", "cur_out", "cur_lse"), state, ref):
         assert_close(name, ours, want, atol=atol, rtol=atol, seed=seed)

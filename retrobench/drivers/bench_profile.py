@@ -31,7 +31,7 @@ from retrobench.store.results import environment
 #: (kind, substrings of the kernel name), first match wins.
 KINDS = (
     ("retrobench triton", ("_sparse_paged_attention", "_reduce_splits", "_quest_page_scores", "_update_page_minmax",
-                           "_paged_logits", "_mark_loaded", "_retro_merge", "_write_kv")),
+                           "_paged_logits", "_mark_loaded", "_retro_merge", "_retro_upkeep", "_write_kv")),
     ("SDPA attention (prefill)", ("flash", "fmha", "efficient_attention", "attention_kernel")),
     ("projections (GEMM)", ("gemm", "gemv", "cutlass", "nvjet", "xmma", "cublas", "splitk")),
     ("fused elementwise (inductor)", ("triton_",)),
