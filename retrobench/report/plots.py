@@ -23,85 +23,13 @@ from matplotlib.figure import Figure
 
 from retrobench.store.metrics import bootstrap_ci
 from retrobench.report.common import PERCENT, metric_scale, short
+from retrobench.report.figures import SHORT_NAMES, SPLIT, empty, errorbar, facet_groups, figure, legend, series_column, ylabel
+from retrobench.report.latency_plots import decode_time_over_position, latency_series, latency_vs_context
 from retrobench.report.stats import select, summary
 
 _BUCKET = re.compile(r"^nll_ratio_bucket_(\d+)$")
 #: Settings every method records: what a base run must match when the frame lacks ``attrs["settings"]``.
 BUDGETS = ("budget_fraction", "budget_tokens")
-
-
-def _figure(panels: int = 1, width: float = 5.0, height: float = 3.6) -> tuple[Figure, list[Any]]:
-    cols = max(1, min(panels, 3))
-    rows = max(1, math.ceil(panels / cols))
-    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(max(panels, 1))]
-    return fig, axes
-
-
-def _empty(message: str) -> Figure:
-    fig, (ax,) = _figure()
-    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
-    ax.set_axis_off()
-    return fig
-
-
-def _ylabel(metric: str) -> str:
-    return f"{metric} (%)" if metric in PERCENT else metric
-
-
-def _facets(df: Any, facet: str | None) -> list[tuple[Any, Any]]:
-    if facet is None or facet not in df.columns or df[facet].nunique(dropna=False) <= 1:
-        return [(None, df)]
-    return [(value, group) for value, group in df.groupby(facet, dropna=False, sort=True)]
-
-
-def _errorbar(ax: Any, stats: Any, x: str, metric: str, label: str, **kwargs: Any) -> None:
-    stats = stats.sort_values(x)
-    scale = metric_scale(metric)
-    mean = stats["mean"].to_numpy(float) * scale
-    low = stats["ci_low"].to_numpy(float) * scale
-    high = stats["ci_high"].to_numpy(float) * scale
-    ax.errorbar(
-        stats[x].to_numpy(float),
-        mean,
-        yerr=[np.maximum(mean - low, 0), np.maximum(high - mean, 0)],
-        marker="o",
-        capsize=3,
-        label=label,
-        **kwargs,
-    )
-
-
-#: Columns that split a line when they vary within a panel (never pool different settings silently).
-SPLIT = ("model", "task", "dataset", "num_questions", "budget_fraction", "budget_tokens")
-
-
-_SHORT_NAMES = {"num_questions": "n", "budget_fraction": "b", "budget_tokens": "budget"}
-
-
-def _series(df: Any, name: str, skip: Sequence[str | None] = (), split: Sequence[str] = SPLIT) -> Any:
-    """``df`` with a ``_series`` column: column ``name``'s value plus ``col=value`` for every
-    ``split`` column (not in ``skip``) that takes more than one value in ``df``."""
-    df = df.copy()
-    base = [str(v) for v in df[name]] if name in df.columns else [""] * len(df)
-    cols = [
-        c
-        for c in split
-        if c in df.columns and c not in skip and c != name and df[c].nunique(dropna=False) > 1
-    ]
-    for col in cols:
-        values = [
-            "-" if v is None or (isinstance(v, float) and math.isnan(v)) else short(v) for v in df[col]
-        ]
-        base = [f"{b}, {_SHORT_NAMES.get(col, col)}={v}" for b, v in zip(base, values)]
-    df["_series"] = base
-    return df
-
-
-def _legend(ax: Any) -> None:
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
 
 
 # ---- accuracy vs budget / window ---------------------------------------------------------------------
@@ -122,24 +50,24 @@ def metric_vs(
     further by any :data:`SPLIT` column that varies, so different settings are never pooled), one
     panel per ``facet`` value."""
     if df.empty or x not in df.columns or metric not in df.columns:
-        return _empty(f"no rows with {x} and {metric}")
+        return empty(f"no rows with {x} and {metric}")
     df = df[df[x].notna() & df[metric].notna()]
     if df.empty:
-        return _empty(f"no rows with {x} and {metric}")
+        return empty(f"no rows with {x} and {metric}")
     skip = [facet, x]
     if x.startswith("budget_"):  # the other budget column is null whenever this one is set
         skip.append("budget_tokens" if x == "budget_fraction" else "budget_fraction")
-    facets = _facets(df, facet)
-    fig, axes = _figure(len(facets))
-    for ax, (value, part) in zip(axes, facets):
-        part = _series(part, hue, skip=skip)
+    panels = facet_groups(df, facet)
+    fig, axes = figure(len(panels))
+    for ax, (value, part) in zip(axes, panels):
+        part = series_column(part, hue, skip=skip)
         for name, group in part.groupby("_series", dropna=False, sort=True):
-            _errorbar(ax, summary(group, [x], metric), x, metric, str(name))
+            errorbar(ax, summary(group, [x], metric), x, metric, str(name))
         ax.set_xlabel(_XLABELS.get(x, x))
-        ax.set_ylabel(_ylabel(metric))
+        ax.set_ylabel(ylabel(metric))
         ax.set_title(f"{facet}={value}" if value is not None else f"{metric} vs {x}")
         ax.grid(alpha=0.3)
-        _legend(ax)
+        legend(ax)
     return fig
 
 
@@ -221,14 +149,14 @@ def _window_plot(
 ) -> tuple[Figure, list[Any]] | Figure:
     frame = window_frame(df)
     if frame.empty or metric not in frame.columns or frame[metric].notna().sum() == 0:
-        return _empty(f"no retro rows with {metric}")
+        return empty(f"no retro rows with {metric}")
     frame = frame[frame[metric].notna()]
-    facets = _facets(frame, facet)
-    fig, axes = _figure(len(facets))
-    for ax, (value, part) in zip(axes, facets):
-        part = _series(part, "series", skip=(facet,), split=split)
+    panels = facet_groups(frame, facet)
+    fig, axes = figure(len(panels))
+    for ax, (value, part) in zip(axes, panels):
+        part = series_column(part, "series", skip=(facet,), split=split)
         for name, group in part.groupby("_series", sort=True):
-            _errorbar(ax, summary(group, ["window"], metric), "window", metric, str(name))
+            errorbar(ax, summary(group, ["window"], metric), "window", metric, str(name))
         windows = sorted(part["window"].dropna().unique())
         ax.set_xscale("log", base=2)
         ax.set_xticks(windows, [short(float(w)) for w in windows])
@@ -242,12 +170,12 @@ def _window_plot(
 def accuracy_vs_window(df: Any, metric: str = "accuracy", facet: str | None = None) -> Figure:
     """``metric`` (mean, 95% CI) against retro's window w, the base method drawn at w = 1; one line
     per retro variant (and budget), one panel per ``facet`` value."""
-    out = _window_plot(df, metric, facet, _ylabel(metric))
+    out = _window_plot(df, metric, facet, ylabel(metric))
     if isinstance(out, Figure):
         return out
     fig, axes = out
     for ax in axes:
-        _legend(ax)
+        legend(ax)
     return fig
 
 
@@ -267,18 +195,18 @@ def exposure_vs_window(df: Any, paper: bool = True, facet: str | None = None) ->
             points = exposure_points()
             ax.scatter(list(points), list(points.values()), marker="x", s=60, color="black", zorder=5,
                        label="paper (Llama-3.1-8B)")  # fmt: skip
-        _legend(ax)
+        legend(ax)
     return fig
 
 
 def exposure_vs_accuracy(df: Any, metric: str = "accuracy", hue: str = "label") -> Figure:
     """One point per run: mean exposure (x) against mean ``metric`` with its 95% CI (y)."""
     if df.empty or "exposure" not in df.columns or metric not in df.columns:
-        return _empty(f"no rows with exposure and {metric}")
+        return empty(f"no rows with exposure and {metric}")
     df = df[df["exposure"].notna() & df[metric].notna()]
     if df.empty:
-        return _empty(f"no rows with exposure and {metric}")
-    fig, (ax,) = _figure()
+        return empty(f"no rows with exposure and {metric}")
+    fig, (ax,) = figure()
     scale = metric_scale(metric)
     for name, group in df.groupby(hue, dropna=False, sort=True):
         xs, ys, lo, hi = [], [], [], []
@@ -293,10 +221,10 @@ def exposure_vs_accuracy(df: Any, metric: str = "accuracy", hue: str = "label") 
         ax.errorbar(xs, ys, yerr=[np.maximum(ys_a - lo, 0), np.maximum(np.asarray(hi) - ys_a, 0)],
                     fmt="o", capsize=3, label=str(name))  # fmt: skip
     ax.set_xlabel("effective KV exposure (x own selection)")
-    ax.set_ylabel(_ylabel(metric))
+    ax.set_ylabel(ylabel(metric))
     ax.set_title(f"{metric} vs exposure (one point per run)")
     ax.grid(alpha=0.3)
-    _legend(ax)
+    legend(ax)
     return fig
 
 
@@ -321,14 +249,14 @@ def ppl_ratio_over_position(df: Any, hue: str = "label", facet: str | None = Non
     """
     buckets = bucket_columns(df)
     if not buckets:
-        return _empty("no nll_ratio_bucket_<i> columns")
+        return empty("no nll_ratio_bucket_<i> columns")
     size = None
     if "task.bucket_tokens" in df.columns and df["task.bucket_tokens"].nunique() == 1:
         size = float(df["task.bucket_tokens"].dropna().iloc[0])
-    facets = _facets(df, facet)
-    fig, axes = _figure(len(facets))
-    for ax, (value, part) in zip(axes, facets):
-        part = _series(part, hue, skip=(facet,))
+    panels = facet_groups(df, facet)
+    fig, axes = figure(len(panels))
+    for ax, (value, part) in zip(axes, panels):
+        part = series_column(part, hue, skip=(facet,))
         for name, group in part.groupby("_series", dropna=False, sort=True):
             xs, mean, lo, hi = [], [], [], []
             for i, col in buckets:
@@ -349,83 +277,7 @@ def ppl_ratio_over_position(df: Any, hue: str = "label", facet: str | None = Non
         ax.set_ylabel("perplexity ratio to full attention")
         ax.set_title(f"{facet}={value}" if value is not None else "perplexity ratio over position")
         ax.grid(alpha=0.3)
-        _legend(ax)
-    return fig
-
-
-# ---- latency -------------------------------------------------------------------------------------------
-
-
-def latency_series(frame: Any) -> Any:
-    """The benchmark frame with a ``series`` column: method, ``w=`` for retro, ``b=`` when budgets vary.
-
-    A ``make bench`` table (``decode.csv``: an ``op`` column) keeps its ``decode_step`` rows only.
-    """
-    frame = frame[frame["op"] == "decode_step"] if "op" in frame.columns else frame
-    frame = frame.copy()
-    budgets = frame["budget"].nunique(dropna=False) if "budget" in frame.columns else 1
-    names = []
-    for _, row in frame.iterrows():
-        name = str(row["method"])
-        window = row.get("window")
-        has_window = window is not None and not (isinstance(window, float) and math.isnan(window))
-        if has_window and (name == "retro" or float(window) > 1):
-            name += f" w={short(float(window))}"
-        if budgets > 1 and row.get("budget") is not None:
-            name += f" b={short(row['budget'])}"
-        names.append(name)
-    frame["series"] = names
-    return frame
-
-
-def latency_vs_context(frame: Any, metric: str = "p50_ms", facet: str | None = None) -> Figure:
-    """Decode step time (``p50_ms``; band p10–p90 when present) against context length, one line
-    per method (and window / budget); one panel per ``facet`` (default: batch when it varies).
-
-    ``frame`` is a benchmark CSV in long format: columns method, context, p50_ms and optionally
-    budget, window, batch, p10_ms, p90_ms.
-    """
-    if frame.empty or not {"method", "context", metric} <= set(frame.columns):
-        return _empty(f"no method/context/{metric} columns")
-    frame = latency_series(frame)
-    if facet is None and "batch" in frame.columns and frame["batch"].nunique() > 1:
-        facet = "batch"
-    facets = _facets(frame, facet)
-    fig, axes = _figure(len(facets))
-    for ax, (value, part) in zip(axes, facets):
-        for name, group in part.groupby("series", sort=True):
-            group = group.groupby("context", as_index=False).mean(numeric_only=True).sort_values("context")
-            ax.plot(group["context"], group[metric], marker="o", label=str(name))
-            if {"p10_ms", "p90_ms"} <= set(group.columns) and metric == "p50_ms":
-                ax.fill_between(group["context"], group["p10_ms"], group["p90_ms"], alpha=0.2)
-        ax.set_xscale("log", base=2)
-        contexts = sorted(part["context"].dropna().unique())
-        ax.set_xticks(
-            contexts, [f"{int(c) // 1024}K" if c % 1024 == 0 else short(float(c)) for c in contexts]
-        )
-        ax.minorticks_off()
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("decode step (ms)" if metric.endswith("_ms") else metric)
-        ax.set_title(f"{facet}={value}" if value is not None else "decode step vs context")
-        ax.grid(alpha=0.3)
-        _legend(ax)
-    return fig
-
-
-def decode_time_over_position(df: Any) -> Figure:
-    """Per-step decode time (``ms``) against the generated position (``step``), one line per ``sample``."""
-    if df.empty or not {"step", "ms"} <= set(df.columns):
-        return _empty("no decode steps")
-    fig, (ax,) = _figure()
-    groups = df.groupby("sample", sort=True) if "sample" in df.columns else [("", df)]
-    for name, group in groups:
-        ax.plot(group["step"], group["ms"], lw=0.8, label=str(name))
-    ax.set_xlabel("generated token")
-    ax.set_ylabel("decode step (ms)")
-    ax.set_title("decode time over position")
-    ax.grid(alpha=0.3)
-    if "sample" in df.columns and df["sample"].nunique() <= 8:
-        _legend(ax)
+        legend(ax)
     return fig
 
 
@@ -433,13 +285,13 @@ def paired_differences(diff: Any, metric: str = "accuracy", by: str | Sequence[s
     """Paired differences (rows of :func:`retrobench.report.paired`: mean, ci_low, ci_high,
     label_a, label_b) as points with 95% CIs, zero marked; in pp for percent metrics."""
     if diff.empty:
-        return _empty("no paired differences")
+        return empty("no paired differences")
     scale = metric_scale(metric)
     by = [by] if isinstance(by, str) else list(by or [])
     names = []
     for _, row in diff.iterrows():
         parts = [f"{row['label_a']} − {row['label_b']}"]
-        parts += [f"{_SHORT_NAMES.get(c, c)}={short(row[c])}" for c in by + ["num_questions", "budget_fraction"]
+        parts += [f"{SHORT_NAMES.get(c, c)}={short(row[c])}" for c in by + ["num_questions", "budget_fraction"]
                   if c in diff.columns
                   and row[c] is not None and not (isinstance(row[c], float) and math.isnan(row[c]))]  # fmt: skip
         names.append(", ".join(dict.fromkeys(parts)))

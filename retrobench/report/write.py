@@ -13,7 +13,7 @@ from typing import Any
 
 from retrobench.store import results
 from retrobench.store.tables import load_runs, load_samples, read_rows
-from retrobench.report import sections
+from retrobench.report import sections, sections_latency
 from retrobench.report.load import read_bench
 from retrobench.report.markdown import Writer
 from retrobench.report.sections import generating
@@ -67,8 +67,8 @@ def write_report(
     sections.exposure(w, samples, gen)
     sections.fidelity(w, samples)
     sections.perplexity(w, samples)
-    sections.latency_runs(w, runs)
-    sections.benchmarks(w, bench)
+    sections_latency.latency_runs(w, runs)
+    sections_latency.benchmarks(w, bench)
 
     path = out / "report.md"
     path.write_text("\n".join(w.lines).rstrip() + "\n")
