@@ -203,19 +203,20 @@ def _check(q, k_cache, v_cache, page_table, pages, q_pos, key_mask, page_step, q
 
 #: Launch settings of the kernel (``config`` overrides any of them, for ``bench kernels``).
 DEFAULT_LAUNCH = {"max_block_m": MAX_BLOCK_M, "block_n": BLOCK_N, "num_warps": 4, "num_stages": 2}
-#: Settings taken over :data:`DEFAULT_LAUNCH` with more than 16 rows a program (RetroAttention at
-#: w = 8: 32) and splits of 4 default tiles or more (:func:`launch_settings`): ``bench kernels``
-#: measured them faster there, H200, batch 8, 2,048 keys, 45 us against 62
-#: (results/bench/kernels.md); batch 1's splits of 128 keys are fastest with the default.
+#: Settings taken over :data:`DEFAULT_LAUNCH` with 17-32 rows a program (RetroAttention at w = 5..8
+#: packs 4 heads x w queries) and splits of 4 default tiles or more (:func:`launch_settings`):
+#: ``bench kernels`` measured them faster at 32 rows, H200, batch 8, 2,048 keys, 45 us against 62
+#: (results/bench/kernels.md); batch 1's splits of 128 keys are fastest with the default. More rows
+#: (prefill chunks through this kernel) keep the default: not measured there.
 MANY_ROWS_LONG_SPLITS = {"block_n": 32, "num_warps": 4, "num_stages": 3}
 
 
 def launch_settings(rows: int, split_tokens: int, config: dict | None = None) -> dict:
     """Launch settings for ``rows`` packed query rows a program (G_sel * S) and splits of
     ``split_tokens`` keys: :data:`DEFAULT_LAUNCH`, with :data:`MANY_ROWS_LONG_SPLITS` over it when
-    ``rows > 16`` and ``split_tokens >= 4 * BLOCK_N``; ``config`` overrides any key."""
+    ``16 < rows <= 32`` and ``split_tokens >= 4 * BLOCK_N``; ``config`` overrides any key."""
     cfg = dict(DEFAULT_LAUNCH)
-    if rows > 16 and split_tokens >= 4 * DEFAULT_LAUNCH["block_n"]:
+    if 16 < rows <= 32 and split_tokens >= 4 * DEFAULT_LAUNCH["block_n"]:
         cfg.update(MANY_ROWS_LONG_SPLITS)
     return {**cfg, **(config or {})}
 

@@ -183,6 +183,8 @@ def test_launch_settings_take_short_tiles_only_for_many_rows_and_long_splits() -
     assert launch_settings(16, 4096) == DEFAULT_LAUNCH
     assert launch_settings(32, 4 * DEFAULT_LAUNCH["block_n"] - 1) == DEFAULT_LAUNCH
     assert launch_settings(32, 4 * DEFAULT_LAUNCH["block_n"]) == {**DEFAULT_LAUNCH, **MANY_ROWS_LONG_SPLITS}
+    assert launch_settings(17, 4096) == {**DEFAULT_LAUNCH, **MANY_ROWS_LONG_SPLITS}
+    assert launch_settings(33, 4096) == DEFAULT_LAUNCH  # prefill-sized row counts: not measured, the default
     assert launch_settings(32, 4096, {"block_n": 16})["block_n"] == 16  # config wins
 
 
