@@ -11,9 +11,10 @@ rows of the window), a retro layer has two pieces of upkeep:
   layer's output (it flows through o_proj), and keep the current row's state for the cache's
   next slot.
 
-``retro_upkeep`` does both in one launch (the engine's path when the window has past rows; a
-decode step at w = 2 ran them as two launches a layer, 4.4 us together at batch 8, H200); it can
-write ``seen`` straight into a caller's buffer (the step's accounting scratch), sparing a copy.
+``retro_upkeep`` does both in one launch (the engine's path when the window has past rows): at
+w = 2, batch 8, 32K on the H200 the two launches took 4.4 us a layer together, the one 2.7 us
+(results/bench/profile_b8.csv). It can write ``seen`` straight into a caller's buffer (the step's
+accounting scratch), sparing a copy.
 
 In PyTorch these are about fifteen small kernels per layer (gather, clamp, where, scatter, the
 merge, slice copies, casts, concatenations). The references ``*_ref`` are the definition, in
