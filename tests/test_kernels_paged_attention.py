@@ -189,9 +189,11 @@ def test_launch_settings_take_short_tiles_only_for_many_rows_and_long_splits() -
 
 
 def test_many_rows_long_splits_default_matches_reference() -> None:
-    """32 rows a program, one split of 256 keys: the default launch takes MANY_ROWS_LONG_SPLITS."""
+    """32 rows a program, one split of 256 keys: the default launch takes MANY_ROWS_LONG_SPLITS (under
+    the interpreter its 32-key tile is the default's too: this checks the path, the GPU case the tile)."""
     needs_kernel_device("cpu")
     case = Case(H=8, H_kv=2, S=8, D=16, P=16, lengths=(300, 260), K=16, page_step=True)
+    assert launch_settings(4 * 8, 16 * 16) == {**DEFAULT_LAUNCH, **MANY_ROWS_LONG_SPLITS}
     check(case, torch.float32, 1)
 
 
