@@ -147,29 +147,31 @@ if HAS_TRITON:
 
     @triton.jit
     def _reduce_splits_kernel(
-        PartOut, PartLse, Out, Lse, NUM_SPLITS, D, H, S, stride_ob, stride_oh, stride_os,
-        BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+        PartOut, PartLse, Out, Lse, ROWS, NUM_SPLITS, D, H, S, stride_ob, stride_oh, stride_os,
+        BLOCK_R: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        """Merge the per-split (out, lse) of one query row (b, h, s): parts are contiguous
+        """Merge the per-split (out, lse) of BLOCK_R query rows (b, h, s): parts are contiguous
         ``[B·H·S, NUM_SPLITS, D]``, the LSE ``[B·H·S]``, the output in its own strides."""
-        row = tl.program_id(0).to(tl.int64)
+        row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = row < ROWS
         b = row // (H * S)
         h = (row // S) % H
         s = row % S
         sp = tl.arange(0, BLOCK_SPLITS)
         d = tl.arange(0, BLOCK_D)
-        sp_ok = sp < NUM_SPLITS
-        lse = tl.load(PartLse + row * NUM_SPLITS + sp, mask=sp_ok, other=float("-inf"))
-        m = tl.reduce(lse, 0, MAX)
+        sp_ok = row_ok[:, None] & (sp[None, :] < NUM_SPLITS)
+        lse = tl.load(PartLse + row[:, None] * NUM_SPLITS + sp[None, :], mask=sp_ok, other=float("-inf"))
+        m = tl.reduce(lse, 1, MAX)
         m_ref = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - m_ref))
-        o = tl.load(PartOut + (row * NUM_SPLITS + sp[:, None]) * D + d[None, :],
-                    mask=sp_ok[:, None] & (d[None, :] < D), other=0.0)  # fmt: skip
-        total = tl.reduce(w, 0, SUM)
+        w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - m_ref[:, None]))  # [BLOCK_R, BLOCK_SPLITS]
+        part = (row[:, None, None] * NUM_SPLITS + sp[None, :, None]) * D + d[None, None, :]
+        o = tl.load(PartOut + part, mask=sp_ok[:, :, None] & (d[None, None, :] < D), other=0.0)
+        total = tl.reduce(w, 1, SUM)
         denom = tl.where(total > 0, total, 1.0)
-        out = tl.reduce(w[:, None] * o, 0, SUM) / denom
-        tl.store(Out + b * stride_ob + h * stride_oh + s * stride_os + d, out.to(Out.dtype.element_ty), mask=d < D)
-        tl.store(Lse + row, tl.where(total > 0, m_ref + tl.log(denom), float("-inf")))
+        out = tl.reduce(w[:, :, None] * o, 1, SUM) / denom[:, None]  # [BLOCK_R, BLOCK_D]
+        dst = Out + b[:, None] * stride_ob + h[:, None] * stride_oh + s[:, None] * stride_os + d[None, :]
+        tl.store(dst, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (d[None, :] < D))
+        tl.store(Lse + row, tl.where(total > 0, m_ref + tl.log(denom), float("-inf")), mask=row_ok)
 
 
 def _check(q, k_cache, v_cache, page_table, pages, q_pos, key_mask, page_step, q_step, num_units) -> None:
@@ -221,6 +223,20 @@ def launch_settings(rows: int, split_tokens: int, config: dict | None = None) ->
     return {**cfg, **(config or {})}
 
 
+#: Most split partials a reduce program holds (rows x splits x D, fp32: 64 registers a thread at 4 warps).
+REDUCE_TILE = 8192
+
+
+def reduce_rows(rows: int, splits: int, d: int, programs: int) -> int:
+    """Query rows per split-reduce program: a power of two that brings the programs down to about
+    ``programs`` (two waves of SMs), within :data:`REDUCE_TILE` partials a program. RetroAttention's
+    window multiplies the rows by w (2,048 at w = 8, batch 8, H = 32), which one row a program ran
+    as 2,048 programs of one [splits, D] tile each."""
+    per_program = max(1, rows // max(1, programs))
+    most = max(1, REDUCE_TILE // (next_pow2(splits) * next_pow2(d)))
+    return max(1, min(1 << (per_program.bit_length() - 1), most))
+
+
 def default_num_splits(q: torch.Tensor, num_sel_heads: int, num_tokens: int, row_blocks: int = 1) -> int:
     """Splits so that B * H_sel * splits programs fill the device, each with >= MIN_TOKENS_PER_SPLIT keys."""
     programs = q.shape[0] * num_sel_heads * row_blocks
@@ -265,7 +281,8 @@ def sparse_paged_attention(
         (lists compacted to the front; the split-K shares are sized by it, per sequence).
     num_splits : split-K factor (default: fill the device, see :func:`default_num_splits`).
     config : launch settings for benchmarks (``bench kernels``): ``max_block_m``, ``block_n``,
-        ``num_warps``, ``num_stages``; default :func:`launch_settings`.
+        ``num_warps``, ``num_stages``, ``reduce_rows`` (query rows a split-reduce program merges;
+        default :func:`reduce_rows`); default :func:`launch_settings`.
 
     Returns
     -------
@@ -333,9 +350,11 @@ def sparse_paged_attention(
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     if splits > 1:
-        _reduce_splits_kernel[(B * H * S,)](
-            part_out, part_lse, out, lse, splits, D, H, S, out.stride(0), out.stride(1), out.stride(2),
-            BLOCK_SPLITS=next_pow2(splits), BLOCK_D=next_pow2(D), num_warps=4,
+        rows = B * H * S
+        block_r = cfg.get("reduce_rows") or reduce_rows(rows, splits, D, target_programs(q))
+        _reduce_splits_kernel[(triton.cdiv(rows, block_r),)](
+            part_out, part_lse, out, lse, rows, splits, D, H, S, out.stride(0), out.stride(1), out.stride(2),
+            BLOCK_R=block_r, BLOCK_SPLITS=next_pow2(splits), BLOCK_D=next_pow2(D), num_warps=4,
         )  # fmt: skip
     return out, lse
 

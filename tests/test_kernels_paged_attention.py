@@ -22,6 +22,7 @@ from retrobench.kernels.paged_attention import (
     DEFAULT_LAUNCH,
     MANY_ROWS_LONG_SPLITS,
     launch_settings,
+    reduce_rows,
     sparse_paged_attention,
     sparse_paged_attention_ref,
 )
@@ -204,6 +205,21 @@ def test_default_splits_and_more_splits_than_tiles() -> None:
     check(case, torch.float32, 7)  # most splits hold no tile: they must still write (0, -inf)
 
 
+def test_reduce_rows_fill_two_waves_within_the_tile() -> None:
+    assert reduce_rows(256, 5, 128, 264) == 1  # quest, batch 8: one row a program already fills the device
+    assert reduce_rows(2048, 5, 128, 264) == 4  # retro w = 8, batch 8: 512 programs (a power of two <= 7.8)
+    assert reduce_rows(2048, 64, 128, 8) == 1  # 64 splits x 128 fill the tile with one row
+    assert reduce_rows(10, 3, 24, 264) == 1
+
+
+@pytest.mark.parametrize("reduce_rows_", [1, 4, 16])
+def test_split_reduce_over_several_rows_a_program(reduce_rows_: int) -> None:
+    """36 query rows (2 x 6 heads x 3) in programs of 1, 4 and 16 rows: the last program is partial."""
+    needs_kernel_device("cpu")
+    case = Case(H=6, H_kv=2, S=3, D=24, P=4, lengths=(41, 26), K=8, page_step=True)
+    check(case, torch.float32, 3, config={"reduce_rows": reduce_rows_})
+
+
 def test_hidden_keys_do_not_leak() -> None:
     """Keys hidden by every mask at once change nothing: poison them with huge values and NaN in V."""
     needs_kernel_device("cpu")
@@ -268,6 +284,13 @@ def test_matches_reference_gpu(name: str, dtype: torch.dtype, num_splits) -> Non
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduce_rows_", [2, 8])
+def test_split_reduce_over_several_rows_matches_reference_gpu(reduce_rows_: int) -> None:
+    needs_kernel_device("cuda")
+    check(GPU_CASES["llama8b-s8-step"], torch.bfloat16, 5, device="cuda", config={"reduce_rows": reduce_rows_})
+
+
 @pytest.mark.parametrize("num_splits", [1, 5], ids=["splits1", "splits5"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_default_tiles_at_many_rows_match_reference_gpu(dtype: torch.dtype, num_splits) -> None:

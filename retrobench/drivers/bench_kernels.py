@@ -150,10 +150,12 @@ def attention_cells(smoke: bool, dev: str, dtype: torch.dtype) -> list[dict]:
                      "q_step": torch.arange(1, S + 1, device=dev, dtype=torch.int32).expand(B, S).contiguous()}  # fmt: skip
         rows = (H // H_kv) * S
         settings = list(base)
-        if rows > 16:
-            settings += grid(max_block_m=[16], num_warps=[4, 8], num_stages=[2], block_n=[64])
         auto = pa.default_num_splits(q, H_kv, K * P, -(-rows // min(max(16, rows), pa.MAX_BLOCK_M)))
+        if rows > 16:  # RetroAttention's long windows: short tiles, fewer warps, deeper pipelines, more splits
+            settings += grid(max_block_m=[16], num_warps=[4, 8], num_stages=[2], block_n=[64])
+            settings += grid(block_n=[16, 32], num_warps=[2, 4], num_stages=[3, 4], num_splits=[auto, 2 * auto, 4 * auto])
         settings += [{"num_splits": max(1, auto // 2)}, {"num_splits": auto * 2}]
+        settings += [{"reduce_rows": r} for r in (1, 2, 4, 8)]
         call = (q, k_cache, v_cache, table, pages, q_pos, D**-0.5)
 
         def run(cfg, call=call, extra=extra):
@@ -200,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m retrobench bench kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="results/bench", help="folder for kernels.csv and kernels.md")
     parser.add_argument("--ops", default="scores,topk,attention", help="comma list of: scores, topk, attention")
+    parser.add_argument("--cells", default="", help="only cells whose name contains this (e.g. 'B=8 S=8')")
     parser.add_argument("--launches", type=int, default=20, help="launches captured in one CUDA graph")
     parser.add_argument("--replays", type=int, default=20, help="timed replays of the graph")
     parser.add_argument("--deadline-s", type=float, default=480.0, help="stop starting new cells after this")
@@ -230,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         for op in ops:
             for cell in builders[op](args.smoke, dev, dtype):
+                if args.cells not in cell["cell"]:
+                    continue
                 if time.perf_counter() - t_start > args.deadline_s:
                     print(f"deadline reached: skipping {cell['op']} {cell['cell']} and the rest", flush=True)
                     break
