@@ -21,8 +21,9 @@ InfLLM's windows).
 Static state, preallocated per request: ``A [L, B, H_sel, units + 1]`` (the last column keeps
 the reference's padding scatter a no-op), and the output cache ``[L, B, w-1, ...]``: per past
 token its merged output and LSE (fp32), its own and exposed key counts per selection head, and its query (``past_query:
-cached``). Slot j holds the token generated ``w-1-j`` steps before the current one; each step the
-oldest leaves (its exposure is recorded) and the current token enters the newest slot. The past
+cached``). The cache is a ring: the token generated at step t lives in slot ``t mod (w-1)``, so
+each step the current token takes the slot of the oldest, which leaves (its exposure is recorded
+first), and nothing else moves. The past
 tokens are extra query rows of the current token's one sparse-attention call (they read no extra
 K/V); ``A < q_step`` hides units a row has already seen.
 
@@ -42,6 +43,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from retrobench.kernels.retro import ring_slots
 from retrobench.methods.base import ConfigError, Forward, Method, ModelSpec, attend_dense
 from retrobench.methods.common import SelectionMethod, attend_selection, selection_accounting, visible_keys
 
@@ -194,7 +196,8 @@ class RetroMethod(Method):
         else:
             rows = q
             if self.past_query == "cached":  # the queries the past tokens had when they were current
-                past_q = state.query[layer][:, -(S - 1) :].transpose(1, 2).to(q.dtype)
+                b = torch.arange(q.shape[0], device=q.device).view(-1, 1)
+                past_q = state.query[layer][b, ring_slots(fwd.step, S - 1, slots)].transpose(1, 2).to(q.dtype)
                 rows = torch.cat([past_q, q[:, :, -1:]], dim=2)
             out, lse = attend_selection(layer, rows, fwd, sel, page_step=A, q_step=fwd.q_step)
         self.selector.observe(layer, q_cur, sel, lse[:, :, -1], fwd, state.base)
@@ -212,7 +215,7 @@ class RetroMethod(Method):
 
     def end_step(self, fwd: Forward) -> dict[str, torch.Tensor]:
         """Accounting and output-cache upkeep of every sparse layer at once: attended keys, the past rows'
-        supplement counts, the leaving token's exposure, then the cache shifts by one step."""
+        supplement counts, the leaving token's exposure, then the current token takes its ring slot."""
         state: RetroState = fwd.state
         first, slots, S = self.dense_layers, self.window - 1, fwd.pos.shape[1]
         units = fwd.acct.kept["units"][first:]  # [L', B, H_sel, K]
@@ -224,24 +227,24 @@ class RetroMethod(Method):
             fwd.acct.add_layers(values)
         else:
             ow, ex = state.own[first:], state.exposed[first:]  # [L', B, slots, H_sel]
+            b = torch.arange(ow.shape[1], device=ow.device)
             if S > 1:
                 new = visible_keys(units, state.unit, fwd.pos[:, :-1], steps=fwd.acct.kept["seen"][first:],
                                    q_step=fwd.q_step[:, :-1])  # [L', B, H_sel, S-1]  # fmt: skip
-                ex[:, :, slots - (S - 1) :] += new.transpose(2, 3)
+                ex[:, b.view(-1, 1), ring_slots(fwd.step, S - 1, slots)] += new.transpose(2, 3)
                 values["supplement_kv"] = new.mean(dim=(2, 3))
             else:
                 values["supplement_kv"] = torch.zeros_like(values["attended_kv"])
-            values["exposure"] = (ex[:, :, 0] / ow[:, :, 0].clamp(min=1)).mean(dim=-1)  # the leaving token
+            oldest = fwd.step % slots  # [B]: the leaving token's slot, the current token's from now on
+            values["exposure"] = (ex[:, b, oldest] / ow[:, b, oldest].clamp(min=1)).mean(dim=-1)
             leaving = fwd.plan["leaving"].to(torch.bool).expand(units.shape[0], -1)
             fwd.acct.add_layers(values, valid={"exposure": leaving})
             pairs = [(ow, own), (ex, own), (state.out[first:], state.cur_out[first:].float()),
                      (state.lse[first:], state.cur_lse[first:])]  # fmt: skip
             if state.query is not None:
                 pairs.append((state.query[first:], state.cur_query[first:]))
-            for cache, newest in pairs:  # slot j holds the token generated w-1-j steps before the next one
-                if slots > 1:
-                    cache[:, :, :-1] = cache[:, :, 1:].clone()
-                cache[:, :, -1] = newest
+            for cache, newest in pairs:
+                cache[:, b, oldest] = newest
         values = self.selector_end_step(fwd)
         values["output_cache_bytes"] = torch.full_like(values["resident_kv"], state.cache_bytes)
         return values

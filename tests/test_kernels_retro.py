@@ -3,8 +3,8 @@
 Both ops work in place, so each test runs the kernel and the reference on clones of the same fresh
 random state and compares every tensor they touch. ``mark_loaded``: unique unit lists with padding
 anywhere, lists shorter and longer than the block, into a caller's buffer too. ``retro_merge``:
-windows w = 2..8 with S - 1 past rows (fewer rows than slots too), empty cache slots (LSE -inf)
-and rows that saw nothing, odd head dims. ``retro_upkeep`` (both in one launch) against the two
+windows w = 2..8 with S - 1 past rows (fewer rows than slots too), the ring's slots at any step
+(steps before S - 1 too), empty cache slots (LSE -inf) and rows that saw nothing, odd head dims. ``retro_upkeep`` (both in one launch) against the two
 references. Fresh seed per test, printed on failure.
 """
 
@@ -21,6 +21,7 @@ from retrobench.kernels.retro import (
     retro_merge_ref,
     retro_upkeep,
     retro_upkeep_ref,
+    ring_slots,
 )
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -76,9 +77,10 @@ def test_retro_merge_matches_reference(device, dtype, B, H, S, slots, D) -> None
     needs_kernel_device(device)
     seed = fresh_seed()
     state = merge_state(B, H, S, slots, D, dtype, device)
+    step = torch.randint(0, 3 * slots, (B,), device=device)  # steps below S-1 too: rows before step 0
     ref = [t.clone() for t in state]
-    retro_merge(*state)
-    retro_merge_ref(*ref)
+    retro_merge(*state, step)
+    retro_merge_ref(*ref, step)
     atol = 1e-5 if dtype == torch.float32 else 2e-3
     for name, ours, want in zip(("out", "lse", "cache_out", "cache_lse", "cur_out", "cur_lse"), state, ref):
         assert_close(name, ours, want, atol=atol, rtol=atol, seed=seed)
@@ -95,7 +97,7 @@ def test_retro_upkeep_matches_references(device, dtype, B, H, S, slots, D, H_sel
     state = merge_state(B, H, S, slots, D, dtype, device)
     A = torch.randint(-1, 50, (B, H_sel, U + 1), dtype=torch.int32, device=device)
     units = unit_lists(B, H_sel, K, U, device)
-    step = torch.randint(50, 60, (B,), device=device)
+    step = torch.randint(0, 60, (B,), device=device)
     ref = [t.clone() for t in state]
     A_ref = A.clone()
     seen = torch.full((B, H_sel, K), 7777, dtype=torch.int32, device=device)
@@ -108,6 +110,12 @@ def test_retro_upkeep_matches_references(device, dtype, B, H, S, slots, D, H_sel
         assert_close(name, ours, want, atol=atol, rtol=atol, seed=seed)
 
 
+def test_ring_slots_hold_the_token_of_step_t_in_slot_t_mod_slots() -> None:
+    step = torch.tensor([9, 3, 1])
+    assert ring_slots(step, 3, 7).tolist() == [[6, 0, 1], [0, 1, 2], [5, 6, 0]]  # steps 6-8, 0-2, -2..0
+    assert ring_slots(step, 1, 1).tolist() == [[0], [0], [0]]
+
+
 def test_retro_merge_reference_semantics() -> None:
     """Merging with an empty slot keeps the supplement; with an empty supplement keeps the slot."""
     out, lse, cache_out, cache_lse, cur_out, cur_lse = merge_state(1, 1, 3, 2, 4, torch.float32, "cpu")
@@ -117,7 +125,7 @@ def test_retro_merge_reference_semantics() -> None:
     cache_out[0, 0] = 0
     supplement, kept = out[0, 0, 0].clone(), cache_out[0, 1, 0].clone()
     current = out[0, 0, 2].clone()
-    retro_merge_ref(out, lse, cache_out, cache_lse, cur_out, cur_lse)
+    retro_merge_ref(out, lse, cache_out, cache_lse, cur_out, cur_lse, torch.tensor([2]))  # steps 0, 1: slots 0, 1
     assert torch.allclose(cache_out[0, 0, 0], supplement) and float(cache_lse[0, 0, 0]) == 0.5
     assert torch.allclose(cache_out[0, 1, 0], kept) and float(cache_lse[0, 1, 0]) == 1.5
     assert torch.equal(out[0, 0, :2], cache_out[0, :, 0]) and torch.equal(cur_out[0, 0], current)
