@@ -13,6 +13,7 @@ the triton backend too (window 1 = the base method, an unlimited budget = full a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from collections import Counter

@@ -154,7 +154,7 @@ def attention_cells(smoke: bool, dev: str, dtype: torch.dtype) -> list[dict]:
         if rows > 16:  # RetroAttention's long windows: short tiles, fewer warps, deeper pipelines, more splits
             settings += grid(max_block_m=[16], num_warps=[4, 8], num_stages=[2], block_n=[64])
             settings += grid(block_n=[16, 32], num_warps=[2, 4], num_stages=[3, 4], num_splits=[auto, 2 * auto, 4 * auto])
-        settings += [{"num_splits": max(1, auto // 2)}, {"num_splits": auto * 2}]
+        settings += [{"num_splits": n} for n in sorted({max(1, auto // 2), auto - 2, auto - 1, auto + 1, auto * 2}) if n >= 1]
         settings += [{"reduce_rows": r} for r in (1, 2, 4, 8)]
         call = (q, k_cache, v_cache, table, pages, q_pos, D**-0.5)
 
