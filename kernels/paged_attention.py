@@ -238,9 +238,14 @@ def reduce_rows(rows: int, splits: int, d: int, programs: int) -> int:
 
 
 def default_num_splits(q: torch.Tensor, num_sel_heads: int, num_tokens: int, row_blocks: int = 1) -> int:
-    """Splits so that B * H_sel * splits programs fill the device, each with >= MIN_TOKENS_PER_SPLIT keys."""
+    """Splits so that B * H_sel * splits programs fill the device, each with >= MIN_TOKENS_PER_SPLIT keys:
+    the most splits whose programs fit three waves of SMs (on CUDA; 6 programs under the interpreter).
+
+    It was two waves rounded up (5 splits at batch 8, where a split is 64 programs): on the H200 at
+    batch 8 and 2,048 keys, 6 splits took 27.5 us at 1 row a program and 38.1 at 32 rows, 5 splits
+    28.6 and 41.1 (results/bench/kernels.md)."""
     programs = q.shape[0] * num_sel_heads * row_blocks
-    want = -(-target_programs(q) // programs)
+    want = (3 * target_programs(q) // 2) // programs
     most = max(1, -(-num_tokens // MIN_TOKENS_PER_SPLIT))
     return max(1, min(want, most, MAX_SPLITS))
 
