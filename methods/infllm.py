@@ -36,6 +36,19 @@ from retrobench.methods.base import ConfigError, Forward, ModelSpec, attend_dens
 from retrobench.methods.common import Selection, SelectionMethod, reduce_heads
 
 INFLLM_SELECTIONS = ("layer", "kv_head")
+#: Prefill's representative scores take a chunk's queries in blocks whose fp32 logits (B·H x rows x
+#: keys) stay within this many elements (512 MiB): a 32K-token chunk of an 8B model at once would be
+#: 128 GiB (``experiment=latency`` on a GPU prefills 32K tokens a chunk).
+PREFILL_LOGITS = 1 << 27
+
+
+def query_rows(heads: int, S: int, n_local: int, most: int = PREFILL_LOGITS) -> int:
+    """Queries a block (all S when they fit): a block of r queries reads at most r + n_local - 1 keys,
+    so ``heads * r * (r + n_local)`` logits; halved until within ``most``."""
+    rows = S
+    while rows > 1 and heads * rows * (rows + n_local) > most:
+        rows = (rows + 1) // 2
+    return rows
 
 
 def _is_int(value: Any) -> bool:
@@ -207,17 +220,20 @@ class InfLLMMethod(SelectionMethod):
         state: InfLLMState = fwd.state
         B, H, S, _ = q.shape
         H_kv = fwd.spec.num_kv_heads
-        pos = fwd.pos[0]  # prompt chunks hold the same positions in every sequence
-        n_local = torch.tensor([self.split(p + 1, state.page_size)[2] for p in pos.tolist()], device=pos.device)
-        lo = max(0, int((pos - n_local + 1).min()))
-        end = int(pos[-1]) + 1
-        kpos = torch.arange(lo, end, device=pos.device)
-        keys = fwd.cache.gather_keys_batch(layer, kpos).float().repeat_interleave(H // H_kv, dim=2)  # [B, T', H, D]
-        logits = torch.einsum("bhsd,bthd->bhst", q.float(), keys) * fwd.scaling
-        dist = pos.view(S, 1) - kpos.view(1, -1)
-        window = (dist >= 0) & (dist < n_local.view(S, 1))  # [S, T']
-        probs = torch.exp(logits - lse.unsqueeze(-1)).masked_fill(~window, 0.0).sum(dim=2)  # [B, H, T']
-        state.score[layer][:, lo:end] += probs.view(B, H_kv, H // H_kv, -1).sum(dim=2).transpose(1, 2)
+        pos = fwd.pos[0]  # prompt chunks hold the same positions in every sequence, ascending
+        n_local = fwd.derived("infllm_n_local", lambda: torch.tensor(  # once per forward, not per layer
+            [self.split(p + 1, state.page_size)[2] for p in pos.tolist()], device=pos.device))  # fmt: skip
+        rows = query_rows(B * H, S, int(n_local.max()), PREFILL_LOGITS)
+        for s0 in range(0, S, rows):  # [B, H, rows, keys] fp32 logits a block: a 32K chunk's whole would be 128 GB
+            p, nl = pos[s0 : s0 + rows], n_local[s0 : s0 + rows]
+            lo, end = max(0, int((p - nl + 1).min())), int(p[-1]) + 1
+            kpos = torch.arange(lo, end, device=pos.device)
+            keys = fwd.cache.gather_keys_batch(layer, kpos).float().repeat_interleave(H // H_kv, dim=2)  # [B, T', H, D]
+            logits = torch.einsum("bhsd,bthd->bhst", q[:, :, s0 : s0 + rows].float(), keys) * fwd.scaling
+            dist = p.view(-1, 1) - kpos.view(1, -1)
+            window = (dist >= 0) & (dist < nl.view(-1, 1))  # [rows, T']
+            probs = torch.exp(logits - lse[:, :, s0 : s0 + rows].unsqueeze(-1)).masked_fill(~window, 0.0).sum(dim=2)
+            state.score[layer][:, lo:end] += probs.view(B, H_kv, H // H_kv, -1).sum(dim=2).transpose(1, 2)
         return out, lse
 
     # ---- selection ----------------------------------------------------------------------------------

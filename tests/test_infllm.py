@@ -12,6 +12,7 @@ from harness import forward_for, selection_mask, synthetic_cache
 from retrobench.engine import Engine
 from retrobench.methods.base import ConfigError, ModelSpec
 from retrobench.methods.full import FullMethod
+from retrobench.methods import infllm
 from retrobench.methods.infllm import InfLLMMethod
 
 H, H_KV, D, P = 4, 2, 8, 16
@@ -85,6 +86,28 @@ def test_prefill_scores_equal_brute_force():
         lo = max(0, i + 1 - n_local)
         want[lo : i + 1] += probs[:, lo:].view(H_KV, G, -1).sum(dim=1).T
     torch.testing.assert_close(state.score[0, 0, :T], want, rtol=1e-5, atol=1e-6)
+
+
+def test_prefill_scores_in_query_blocks_equal_one_block(monkeypatch):
+    """A chunk's queries taken in blocks (bounded logits memory) add up to the same scores."""
+    T = 100
+    cache, q = synthetic(T)
+    method = InfLLMMethod(budget={"fraction": 0.5}, local_fraction=0.5, block_size=16, dense_layers=0)
+    scores = []
+    for most in (infllm.PREFILL_LOGITS, H * 7 * (7 + T)):  # everything at once; blocks of at most 7 queries
+        monkeypatch.setattr(infllm, "PREFILL_LOGITS", most)
+        state = fresh_state(method, T)
+        fwd = forward_for(method, SPEC, cache, state, torch.arange(0, T), phase="prefill", step=-1)
+        method.prefill(0, q, fwd)
+        scores.append(state.score[0, 0, :T].clone())
+    assert infllm.query_rows(H, T, T, H * 7 * (7 + T)) < 8
+    torch.testing.assert_close(scores[1], scores[0], rtol=1e-5, atol=1e-6)
+
+
+def test_query_rows_bound_the_logits():
+    assert infllm.query_rows(32, 32768, 2048) * 32 * (infllm.query_rows(32, 32768, 2048) + 2048) <= infllm.PREFILL_LOGITS
+    assert infllm.query_rows(4, 60, 30) == 60  # small chunks: one block, as before
+    assert infllm.query_rows(1, 5, 1, 1) == 1
 
 
 def test_decode_scores_use_the_selection_softmax():
