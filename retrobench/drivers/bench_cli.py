@@ -68,7 +68,9 @@ def fmt(value, spec: str) -> str:
     return "-" if value is None or value == "" else format(value, spec)
 
 
-def write(rows: list[dict], out: Path, context: int) -> None:
+def write(rows: list[dict], out: Path, context: int, asked: list[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+    """Write latency_cli.csv and .md; returns the ``asked`` (method, backend) pairs with no row, which the
+    markdown names too (a run that failed or was cut: the multirun's log says why)."""
     out.mkdir(parents=True, exist_ok=True)
     with (out / "latency_cli.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
@@ -94,7 +96,12 @@ def write(rows: list[dict], out: Path, context: int) -> None:
               for m in METHODS if (m, "torch") in by and (m, "triton") in by]  # fmt: skip
     if ratios:
         lines += ["", "Backends side by side (same run of this script):", "", *ratios]
+    missing = [pair for pair in asked if pair not in by]
+    if missing:
+        lines += ["", "No row (the run failed or did not finish; the multirun's log says why): "
+                  + ", ".join(f"{m} on {b}" for m, b in missing) + "."]  # fmt: skip
     (out / "latency_cli.md").write_text("\n".join(lines) + "\n")
+    return missing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,16 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start, results = time.perf_counter(), Path(args.results_dir)
     methods = [m for m in args.methods.split(",") if m]
+    asked = []
     for backend in [b for b in args.backends.split(",") if b]:
         left = args.deadline_s - (time.perf_counter() - start)
         if left < 30:
             print(f"deadline: {backend} not run", flush=True)
             continue
+        asked += [(m, backend) for m in methods]
         run_backend(backend, methods, args.context, args.new_tokens, results, left)
     rows = collect(results)
-    write(rows, Path(args.out), args.context)
+    missing = write(rows, Path(args.out), args.context, asked)
     print((Path(args.out) / "latency_cli.md").read_text())
-    return 0 if rows else 1
+    return 0 if rows and not missing else 1
 
 
 if __name__ == "__main__":

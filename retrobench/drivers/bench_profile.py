@@ -86,6 +86,25 @@ def profile_step(engine: Engine, context: int, batch: int, steps: int) -> dict[s
     return kernel_times(lambda: engine.forward(request, ids, positions, "decode", S + 8), steps)
 
 
+def summary_lines(rows: list[dict]) -> list[str]:
+    """Markdown per method, from the CSV's rows: kernel time and count by kind, the 8 largest kernels
+    (also how a table is rendered again from a ``profile.csv`` whose markdown was lost)."""
+    lines: list[str] = []
+    for label in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == label]
+        kinds: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+        for r in mine:
+            kinds[r["kind"]][0] += int(r["count"])
+            kinds[r["kind"]][1] += float(r["us"])
+        n, us = sum(int(r["count"]) for r in mine), sum(float(r["us"]) for r in mine)
+        top = sorted(mine, key=lambda r: -float(r["us"]))[:8]
+        lines += [f"## {label}: {us / 1e3:.3f} ms of kernel time in {n} kernels", "", "| kind | kernels | ms |", "|---|---|---|"]
+        lines += [f"| {k} | {c} | {t / 1e3:.3f} |" for k, (c, t) in sorted(kinds.items(), key=lambda kv: -kv[1][1])]
+        lines += ["", "Largest kernels: " + "; ".join(f"`{r['kernel'][:60]}` x{r['count']} {float(r['us']) / 1e3:.3f} ms"
+                                                      for r in top), ""]  # fmt: skip
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m retrobench bench profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="results/bench", help="folder for profile.csv and profile.md")
@@ -104,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_random_model(args.model, "cuda", torch.bfloat16)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, summary = [], []
+    rows = []
     for name, budget, window in CASES if args.phase == "decode" else (("full", None, 1),):
         method = make_method(name, budget, window, dense_layers=2)
         engine = Engine(model, method, page_size=16, backend="triton", cuda_graphs=False, compile=args.compile == "on")
@@ -113,14 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             kernels = profile_prefill(engine, args.context)
         label = f"{name} w={window}" if name == "retro" else name
-        kinds: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
         for kernel, (n, us) in kernels.items():
-            kind = kind_of(kernel)
-            kinds[kind][0] += n
-            kinds[kind][1] += us
-            rows.append({"method": label, "kind": kind, "kernel": kernel[:200], "count": n, "us": round(us, 2)})
+            rows.append({"method": label, "kind": kind_of(kernel), "kernel": kernel[:200], "count": n, "us": round(us, 2)})
         total_n, total_us = sum(n for n, _ in kernels.values()), sum(us for _, us in kernels.values())
-        summary.append((label, total_n, total_us, dict(kinds), sorted(kernels.items(), key=lambda kv: -kv[1][1])[:8]))
         print(f"{label}: {total_us / 1e3:.3f} ms of kernels in {total_n} kernels", flush=True)
         del engine
         torch.cuda.empty_cache()
@@ -135,11 +149,7 @@ def main(argv: list[str] | None = None) -> int:
              f"batch {args.batch if args.phase == 'decode' else 1})", "",
              f"torch {env['torch']}, triton {env['triton']}, git {env['git_sha'] or 'n/a'}; engine.compile "
              f"{args.compile}; {what}; under torch.profiler.", ""]  # fmt: skip
-    for label, n, us, kinds, top in summary:
-        lines += [f"## {label}: {us / 1e3:.3f} ms of kernel time in {n} kernels", "", "| kind | kernels | ms |", "|---|---|---|"]
-        lines += [f"| {k} | {c} | {t / 1e3:.3f} |" for k, (c, t) in sorted(kinds.items(), key=lambda kv: -kv[1][1])]
-        lines += ["", "Largest kernels: " + "; ".join(f"`{k[:60]}` x{c} {t / 1e3:.3f} ms" for k, (c, t) in top), ""]
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(lines + summary_lines(rows)) + "\n")
     print(f"wrote {out / f'{stem}.csv'} and {out / f'{stem}.md'}")
     return 0
 
