@@ -243,7 +243,7 @@ def default_num_splits(q: torch.Tensor, num_sel_heads: int, num_tokens: int, row
 
     It was two waves rounded up (5 splits at batch 8, where a split is 64 programs): on the H200 at
     batch 8 and 2,048 keys, 6 splits took 27.5 us at 1 row a program and 38.1 at 32 rows, 5 splits
-    28.6 and 41.1 (results/bench/kernels.md)."""
+    28.6 and 41.1 (results/bench/kernels_b8.md)."""
     programs = q.shape[0] * num_sel_heads * row_blocks
     want = (3 * target_programs(q) // 2) // programs
     most = max(1, -(-num_tokens // MIN_TOKENS_PER_SPLIT))

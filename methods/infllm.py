@@ -224,7 +224,7 @@ class InfLLMMethod(SelectionMethod):
         n_local = fwd.derived("infllm_n_local", lambda: torch.tensor(  # once per forward, not per layer
             [self.split(p + 1, state.page_size)[2] for p in pos.tolist()], device=pos.device))  # fmt: skip
         rows = query_rows(B * H, S, int(n_local.max()), PREFILL_LOGITS)
-        for s0 in range(0, S, rows):  # [B, H, rows, keys] fp32 logits a block: a 32K chunk's whole would be 128 GB
+        for s0 in range(0, S, rows):  # [B, H, rows, keys] fp32 logits a block: a 32K chunk's whole would be 128 GiB
             p, nl = pos[s0 : s0 + rows], n_local[s0 : s0 + rows]
             lo, end = max(0, int((p - nl + 1).min())), int(p[-1]) + 1
             kpos = torch.arange(lo, end, device=pos.device)
