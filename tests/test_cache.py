@@ -4,11 +4,12 @@ every position, sequences never mix, and the token view addresses the same bytes
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retrobench.engine.cache import PagedKVCache
+from retrobench.engine.cache import LAYOUTS, PagedKVCache
 from retrobench.kernels.ops import TORCH_OPS
 
 L, H_KV, D = 2, 2, 3
@@ -37,11 +38,12 @@ op = st.one_of(
     ops=st.lists(op, min_size=1, max_size=12),
     page_size=st.sampled_from([1, 2, 4, 8]),
     permute=st.booleans(),
+    layout=st.sampled_from(LAYOUTS),
     seed=st.integers(0, 2**16),
 )
-def test_meta_exact_after_appends_and_overwrites(ops, page_size, permute, seed):
+def test_meta_exact_after_appends_and_overwrites(ops, page_size, permute, layout, seed):
     gen = torch.Generator().manual_seed(seed)
-    cache = PagedKVCache(L, H_KV, D, page_size, max_tokens=64, batch_size=2)
+    cache = PagedKVCache(L, H_KV, D, page_size, max_tokens=64, batch_size=2, layout=layout)
     if permute:  # any page table must work, not only the contiguous default
         perm = torch.randperm(cache.page_table.numel(), generator=gen)
         cache.remap(perm.view_as(cache.page_table))
@@ -106,3 +108,23 @@ def test_caches_without_page_meta_say_so():
         assert "min/max" in str(err)
     else:
         raise AssertionError("expected ValueError")
+
+
+def test_layouts_hold_the_same_pages() -> None:
+    """Both storage orders expose ``[L, N, P, H_kv, D]``; the head-major one (the CPU default) keeps a
+    sequence's keys of one head as one contiguous ``[T, D]`` block; writes land in the same places."""
+    B, P, T = 2, 4, 22
+    assert PagedKVCache(L, H_KV, D, P, T, B).layout == "head"
+    caches = {name: PagedKVCache(L, H_KV, D, P, T, B, layout=name) for name in LAYOUTS}
+    k, v = torch.randn(B, H_KV, T, D), torch.randn(B, H_KV, T, D)
+    pos = torch.arange(T).expand(B, -1)
+    for cache in caches.values():
+        assert tuple(cache.k.shape) == (L, B * cache.pages_per_seq, P, H_KV, D)
+        TORCH_OPS.write_kv(cache.k[1], cache.v[1], cache.page_table, pos, k, v)
+    token, head = caches["token"], caches["head"]
+    assert token.k.is_contiguous() and not head.k.is_contiguous()
+    assert torch.equal(token.k, head.k) and torch.equal(token.v, head.v)
+    per_head = head.k[1].view(B, -1, H_KV, D)[:, :T].transpose(1, 2)  # [B, H_kv, T, D], a view
+    assert per_head[0, 1].is_contiguous() and torch.equal(per_head, k)
+    with pytest.raises(ValueError, match="allowed: token, head"):
+        PagedKVCache(L, H_KV, D, P, T, B, layout="rows")

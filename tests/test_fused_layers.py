@@ -26,7 +26,8 @@ CASES = ("full", "quest-kv_head", "retro-quest-w2", "retro-infllm-w3-cached", "t
 
 
 def _pair(model, name: str, backend: str = "torch", **kw):
-    hf = Engine(model, make(name), page_size=8, prefill_chunk=32, backend=backend, compile=False, **kw)
+    hf = Engine(model, make(name), page_size=8, prefill_chunk=32, backend=backend, compile=False, fused_layers=False,
+                **kw)  # fmt: skip
     fused = Engine(model, make(name), page_size=8, prefill_chunk=32, backend=backend, compile=False,
                    fused_layers=True, **kw)  # fmt: skip
     assert hf.layers is None and isinstance(fused.layers, FusedLayers)
@@ -97,7 +98,9 @@ def test_engine_compile_setting(tiny_random) -> None:
     model, _ = tiny_random
     assert unsupported_reason(model) is None
     auto = Engine(model, make("full"), backend="torch")
-    assert auto.compile is False and auto.layers is None  # auto: only with CUDA graphs on a GPU
+    assert auto.compile is False  # auto: only with CUDA graphs on a GPU
+    assert isinstance(auto.layers, FusedLayers)  # on CPU the fused layers run uncompiled by default
+    assert Engine(model, make("full"), backend="torch", fused_layers=False).layers is None
     with pytest.raises(ConfigError, match="engine.compile must be auto, true or false, got 'yes'"):
         Engine(model, make("full"), compile="yes")
     other = copy.deepcopy(model)

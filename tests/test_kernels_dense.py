@@ -22,7 +22,9 @@ TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16:
 SHAPES = [  # (B, H, H_kv, D, P, T, S)
     (2, 6, 2, 16, 8, 45, 13),
     (1, 4, 4, 32, 16, 64, 64),
-    (3, 9, 3, 8, 4, 7, 1),
+    (3, 9, 3, 8, 4, 7, 1),  # decode rows at different ends, one blind: the masked single-query path
+    (1, 8, 2, 16, 16, 37, 1),  # batch-1 decode: the single-query path without a mask
+    (1, 4, 4, 32, 8, 50, 1),  # ... MHA
 ]
 
 

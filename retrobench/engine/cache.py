@@ -2,7 +2,13 @@
 
 Layout (glossary in methods/base.py): per layer, K and V pages ``[N_pages, P, H_kv, D]`` (keys
 stored after RoPE) and per-page, per-KV-head channel ``kmin``/``kmax`` ``[N_pages, H_kv, D]`` (only
-for methods that read them). Each sequence b owns a page table row ``[n_max]`` (int32) mapping its
+for methods that read them). Every op takes the pages through their strides, so the storage
+behind that shape is free: ``layout="token"`` stores it as is (a token's heads side by side: one
+write a token; the GPU default), ``layout="head"`` stores ``[H_kv, N_pages * P, D]`` and exposes the
+same shape as a strided view (the CPU default): with each sequence's pages in order, a sequence's
+keys of one head are then one contiguous ``[T, D]`` block, which CPU SDPA reads more than twice as
+fast as the token-major rows (measured on the 2-core CPU, smollm2 decode at 2K: 23.7 against
+10.1 ms a step of SDPA, the latter transformers' contiguous cache). Each sequence b owns a page table row ``[n_max]`` (int32) mapping its
 logical page i (positions [i*P, (i+1)*P)) to a physical page; pages are allocated per request,
 contiguously by default, but every access goes through the table (tests remap it).
 
@@ -19,6 +25,10 @@ import math
 import torch
 
 
+#: Storage orders of the K/V pools (see the module docstring).
+LAYOUTS = ("token", "head")
+
+
 class PagedKVCache:
     """Paged K/V storage for ``batch_size`` sequences of up to ``max_tokens`` tokens each."""
 
@@ -33,7 +43,12 @@ class PagedKVCache:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         page_meta: bool = True,
+        layout: str | None = None,
     ) -> None:
+        layout = layout or ("head" if torch.device(device).type == "cpu" else "token")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r}; allowed: {', '.join(LAYOUTS)}")
+        self.layout = layout
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -42,14 +57,19 @@ class PagedKVCache:
         self.batch_size = batch_size
         self.pages_per_seq = math.ceil(max_tokens / page_size)
         n_pages = batch_size * self.pages_per_seq
-        shape = (num_layers, n_pages, page_size, num_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = (self._pool(n_pages, dtype, device) for _ in range(2))
         meta = (num_layers, n_pages, num_kv_heads, head_dim)
         self.kmin = torch.full(meta, float("inf"), dtype=dtype, device=device) if page_meta else None
         self.kmax = torch.full(meta, float("-inf"), dtype=dtype, device=device) if page_meta else None
         self.page_table = torch.arange(n_pages, dtype=torch.int32, device=device).view(batch_size, self.pages_per_seq)
         self._token_table: torch.Tensor | None = None
+
+    def _pool(self, n_pages: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+        """Zeroed ``[L, N_pages, P, H_kv, D]`` in this cache's layout."""
+        L, P, H_kv, D = self.num_layers, self.page_size, self.num_kv_heads, self.head_dim
+        if self.layout == "token":
+            return torch.zeros(L, n_pages, P, H_kv, D, dtype=dtype, device=device)
+        return torch.zeros(L, H_kv, n_pages, P, D, dtype=dtype, device=device).permute(0, 2, 3, 1, 4)
 
     @property
     def capacity(self) -> int:

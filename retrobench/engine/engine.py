@@ -126,7 +126,9 @@ class Engine:
         graphs on a CUDA device when the architecture is supported (Llama, Mistral, Qwen2), else off.
         ``True`` on an unsupported architecture raises :class:`ConfigError`.
     fused_layers: run every forward through the fused layers, uncompiled unless ``compile`` (tests
-        compare them with transformers' modules); ``None``: the same as ``compile``.
+        compare them with transformers' modules). ``None``: on with ``compile``, and on CPU for a
+        supported architecture (uncompiled: one Q/K/V and one gate/up projection a layer, and about
+        a third less Python and dispatch per layer than transformers' modules); else off.
     """
 
     def __init__(
@@ -181,8 +183,9 @@ class Engine:
         self.max_context = int(getattr(cfg, "max_position_embeddings", 1 << 30))
         self.scaling = head_dim**-0.5
         self.compile = self._resolve_compile(compile)
-        fused = self.compile if fused_layers is None else fused_layers
-        self.layers = FusedLayers(model) if fused else None
+        if fused_layers is None:  # compiled on a GPU; uncompiled on CPU, where they cut per-layer overhead
+            fused_layers = self.compile or (self.device.type == "cpu" and unsupported_reason(model) is None)
+        self.layers = FusedLayers(model) if fused_layers else None
 
     def _resolve_compile(self, value: bool | str) -> bool:
         """``engine.compile`` as a bool: ``auto`` is on where the fused layers and CUDA graphs both run."""
