@@ -405,22 +405,25 @@ class Method:
 
 
 def attend_dense(
-    layer: int, q: torch.Tensor, fwd: Forward, key_mask: torch.Tensor | None = None, need_lse: bool = True
+    layer: int, q: torch.Tensor, fwd: Forward, key_mask: torch.Tensor | None = None, need_lse: bool = True,
+    q_pos: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal attention of ``q [B, H, S, D]`` over every page of the context (optionally only the
     keys ``key_mask [B, T_max]`` keeps): full attention, dense layers and prefill alike. Without a
     mask and with ``need_lse=False`` it is the ``prefill_attention`` op in a prefill (SDPA) and the
-    ``dense_attention`` op in a decode step, and returns ``(out, None)``."""
+    ``dense_attention`` op in a decode step, and returns ``(out, None)``. ``q_pos [B, S]``: the
+    queries' positions when ``q`` holds only some of the forward's tokens (default ``fwd.pos``)."""
     c = fwd.cache
+    q_pos = fwd.pos if q_pos is None else q_pos
     if key_mask is None and not need_lse:
-        args = (q, c.k[layer], c.v[layer], c.page_table, fwd.n_pages, fwd.pos, fwd.scaling)
+        args = (q, c.k[layer], c.v[layer], c.page_table, fwd.n_pages, q_pos, fwd.scaling)
         if fwd.phase == "prefill":
             return fwd.ops.prefill_attention(*args), None
         return fwd.ops.dense_attention(*args, pages=fwd.all_pages()), None
     pages = fwd.all_pages().expand(-1, fwd.spec.num_kv_heads, -1)
     mask = None if key_mask is None else key_mask.unsqueeze(1).expand(-1, fwd.spec.num_kv_heads, -1)
     return fwd.ops.sparse_attention(
-        q, c.k[layer], c.v[layer], c.page_table, pages, fwd.pos, fwd.scaling, key_mask=mask, num_units=fwd.n_pages
+        q, c.k[layer], c.v[layer], c.page_table, pages, q_pos, fwd.scaling, key_mask=mask, num_units=fwd.n_pages
     )
 
 

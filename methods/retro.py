@@ -25,7 +25,9 @@ cached``). The cache is a ring: the token generated at step t lives in slot ``t 
 each step the current token takes the slot of the oldest, which leaves (its exposure is recorded
 first), and nothing else moves. The past
 tokens are extra query rows of the current token's one sparse-attention call (they read no extra
-K/V); ``A < q_step`` hides units a row has already seen.
+K/V); ``A < q_step`` hides units a row has already seen. Dense layers attend the current token
+only and return each past token's output from ``dense_out [dense_layers, B, w-1, H, D]``, kept when
+it was current, in the same ring slot (a dense layer's inputs for a past token never change).
 
 Open choices of the paper are settings: ``past_query`` (``recomputed``: the past token's query as
 re-embedded this step, default; ``cached``: the query it had when it was current), plus the base's
@@ -48,6 +50,17 @@ from retrobench.methods.base import ConfigError, Forward, Method, ModelSpec, att
 from retrobench.methods.common import SelectionMethod, attend_selection, selection_accounting, visible_keys
 
 PAST_QUERIES = ("recomputed", "cached")
+
+
+def ring_index(step: torch.Tensor, slots: int, past: int = 0) -> tuple[Any, Any]:
+    """Index over the (batch, slot) dims of a ring ``[B, w-1, ...]``: with ``past`` the slots of the
+    ``past`` tokens before ``step [B]`` (oldest first, ``[B, past]``), else the slot of the step's own
+    token (the oldest one's, which it replaces, ``[B]``). One slot (w = 2): plain slices, so reads
+    are views and writes are copies, with no index kernels."""
+    if slots == 1:
+        return (slice(None), slice(0, past)) if past else (slice(None), 0)
+    b = torch.arange(step.shape[0], device=step.device)
+    return (b.view(-1, 1), ring_slots(step, past, slots)) if past else (b, step % slots)
 
 
 def selecting_methods() -> dict[str, type[SelectionMethod]]:
@@ -77,6 +90,7 @@ class RetroState:
     cur_out: torch.Tensor  # [L, B, H, D] this step's current-token output, cached at the step's end
     cur_lse: torch.Tensor  # [L, B, H]
     cur_query: torch.Tensor | None  # [L, B, H, D] (cached)
+    dense_out: torch.Tensor  # [dense_layers, B, w-1, H, D] fp32: each past token's dense-layer outputs
     unit: int
     cache_bytes: float  # bytes of the output cache per sequence
 
@@ -155,6 +169,7 @@ class RetroMethod(Method):
             cur_out=torch.zeros(L, batch, H, D, **f32),
             cur_lse=torch.full((L, batch, H), float("-inf"), **f32),
             cur_query=torch.zeros(L, batch, H, D, device=device) if cached else None,
+            dense_out=torch.zeros(self.dense_layers, batch, slots, H, D, **f32),
             unit=unit,
             cache_bytes=float((L - self.dense_layers) * slots * (H * D * 4 + H * 4 + q_bytes)),
         )
@@ -183,10 +198,10 @@ class RetroMethod(Method):
         """Per layer only what the layer's output needs: the selection, one attention call for the
         current and past rows, the past rows' merge into the output cache, and ``A``. The counts
         (exposure, supplements) are taken once per step, for every layer, in :meth:`end_step`."""
-        if self.is_dense_layer(layer):  # past tokens are recomputed with full attention
-            return attend_dense(layer, q, fwd, need_lse=False)
         state: RetroState = fwd.state
         S, slots = q.shape[2], self.window - 1
+        if self.is_dense_layer(layer):
+            return self._decode_dense(layer, q, fwd, state) if slots else attend_dense(layer, q, fwd, need_lse=False)
         q_cur = q[:, :, -1]
         sel = self.selector.select(layer, q_cur, fwd, state.base)
         A = state.last_loaded[layer]
@@ -196,8 +211,7 @@ class RetroMethod(Method):
         else:
             rows = q
             if self.past_query == "cached":  # the queries the past tokens had when they were current
-                b = torch.arange(q.shape[0], device=q.device).view(-1, 1)
-                past_q = state.query[layer][b, ring_slots(fwd.step, S - 1, slots)].transpose(1, 2).to(q.dtype)
+                past_q = state.query[layer][ring_index(fwd.step, slots, S - 1)].transpose(1, 2).to(q.dtype)
                 rows = torch.cat([past_q, q[:, :, -1:]], dim=2)
             out, lse = attend_selection(layer, rows, fwd, sel, page_step=A, q_step=fwd.q_step)
         self.selector.observe(layer, q_cur, sel, lse[:, :, -1], fwd, state.base)
@@ -213,6 +227,22 @@ class RetroMethod(Method):
             fwd.ops.mark_loaded(A, sel.units, fwd.step, seen=seen)
         return out, lse
 
+    def _decode_dense(self, layer: int, q: torch.Tensor, fwd: Forward, state: RetroState) -> tuple[torch.Tensor, None]:
+        """A dense layer attends the current token only. The past tokens' outputs come from ``dense_out``,
+        where each was kept when it was current: a dense layer's inputs for a past token never change
+        (every dense layer precedes every sparse one), so recomputing them would read the whole
+        context again for each past row (w-1 more query rows over every key) for the same result up to
+        rounding."""
+        S, slots = q.shape[2], self.window - 1
+        cur, _ = attend_dense(layer, q[:, :, -1:], fwd, need_lse=False, q_pos=fwd.pos[:, -1:])  # [B, H, 1, D]
+        cache = state.dense_out[layer]  # [B, w-1, H, D]
+        out = cur
+        if S > 1:  # read the past rows before the current token takes the oldest one's slot
+            past = cache[ring_index(fwd.step, slots, S - 1)]  # [B, S-1, H, D]
+            out = torch.cat([past.transpose(1, 2).to(q.dtype), cur], dim=2)
+        cache[ring_index(fwd.step, slots)] = cur[:, :, 0].float()
+        return out, None
+
     def end_step(self, fwd: Forward) -> dict[str, torch.Tensor]:
         """Accounting and output-cache upkeep of every sparse layer at once: attended keys, the past rows'
         supplement counts, the leaving token's exposure, then the current token takes its ring slot."""
@@ -227,16 +257,19 @@ class RetroMethod(Method):
             fwd.acct.add_layers(values)
         else:
             ow, ex = state.own[first:], state.exposed[first:]  # [L', B, slots, H_sel]
-            b = torch.arange(ow.shape[1], device=ow.device)
             if S > 1:
                 new = visible_keys(units, state.unit, fwd.pos[:, :-1], steps=fwd.acct.kept["seen"][first:],
                                    q_step=fwd.q_step[:, :-1])  # [L', B, H_sel, S-1]  # fmt: skip
-                ex[:, b.view(-1, 1), ring_slots(fwd.step, S - 1, slots)] += new.transpose(2, 3)
+                past = (slice(None), *ring_index(fwd.step, slots, S - 1))
+                if slots == 1:  # a view: add in place
+                    ex[past].add_(new.transpose(2, 3))
+                else:
+                    ex[past] += new.transpose(2, 3)
                 values["supplement_kv"] = new.mean(dim=(2, 3))
             else:
                 values["supplement_kv"] = torch.zeros_like(values["attended_kv"])
-            oldest = fwd.step % slots  # [B]: the leaving token's slot, the current token's from now on
-            values["exposure"] = (ex[:, b, oldest] / ow[:, b, oldest].clamp(min=1)).mean(dim=-1)
+            oldest = (slice(None), *ring_index(fwd.step, slots))  # the leaving token's slot, the current's from now on
+            values["exposure"] = (ex[oldest] / ow[oldest].clamp(min=1)).mean(dim=-1)
             leaving = fwd.plan["leaving"].to(torch.bool).expand(units.shape[0], -1)
             fwd.acct.add_layers(values, valid={"exposure": leaving})
             pairs = [(ow, own), (ex, own), (state.out[first:], state.cur_out[first:].float()),
@@ -244,7 +277,7 @@ class RetroMethod(Method):
             if state.query is not None:
                 pairs.append((state.query[first:], state.cur_query[first:]))
             for cache, newest in pairs:
-                cache[:, b, oldest] = newest
+                cache[oldest] = newest
         values = self.selector_end_step(fwd)
         values["output_cache_bytes"] = torch.full_like(values["resident_kv"], state.cache_bytes)
         return values
