@@ -46,7 +46,8 @@ def dense_attention(q, k_cache, v_cache, page_table, n_pages, q_pos, scaling, pa
         pages = _every_page(n_pages, page_table.shape[1], k_cache.shape[2])
     else:
         pages = pages.expand(-1, k_cache.shape[2], -1)
-    return sparse_paged_attention(q, k_cache, v_cache, page_table, pages, q_pos, scaling, num_units=n_pages)[0]
+    return sparse_paged_attention(q, k_cache, v_cache, page_table, pages, q_pos, scaling, num_units=n_pages,
+                                  in_order=True)[0]  # fmt: skip
 
 
 def prefill_attention_sdpa(q, k_cache, v_cache, page_table, n_pages, q_pos, scaling) -> torch.Tensor:  # noqa: ANN001

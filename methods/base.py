@@ -423,7 +423,8 @@ def attend_dense(
     pages = fwd.all_pages().expand(-1, fwd.spec.num_kv_heads, -1)
     mask = None if key_mask is None else key_mask.unsqueeze(1).expand(-1, fwd.spec.num_kv_heads, -1)
     return fwd.ops.sparse_attention(
-        q, c.k[layer], c.v[layer], c.page_table, pages, q_pos, fwd.scaling, key_mask=mask, num_units=fwd.n_pages
+        q, c.k[layer], c.v[layer], c.page_table, pages, q_pos, fwd.scaling, key_mask=mask, num_units=fwd.n_pages,
+        in_order=True,
     )
 
 

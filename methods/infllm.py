@@ -218,23 +218,39 @@ class InfLLMMethod(SelectionMethod):
             return attend_dense(layer, q, fwd, need_lse=False)
         out, lse = attend_dense(layer, q, fwd)  # the LSE weighs the representative scores
         state: InfLLMState = fwd.state
-        B, H, S, _ = q.shape
+        B, H, S, D = q.shape
         H_kv = fwd.spec.num_kv_heads
-        pos = fwd.pos[0]  # prompt chunks hold the same positions in every sequence, ascending
-        n_local = fwd.derived("infllm_n_local", lambda: torch.tensor(  # once per forward, not per layer
-            [self.split(p + 1, state.page_size)[2] for p in pos.tolist()], device=pos.device))  # fmt: skip
-        rows = query_rows(B * H, S, int(n_local.max()), PREFILL_LOGITS)
-        for s0 in range(0, S, rows):  # [B, H, rows, keys] fp32 logits a block: a 32K chunk's whole would be 128 GiB
-            p, nl = pos[s0 : s0 + rows], n_local[s0 : s0 + rows]
-            lo, end = max(0, int((p - nl + 1).min())), int(p[-1]) + 1
-            kpos = torch.arange(lo, end, device=pos.device)
-            keys = fwd.cache.gather_keys_batch(layer, kpos).float().repeat_interleave(H // H_kv, dim=2)  # [B, T', H, D]
-            logits = torch.einsum("bhsd,bthd->bhst", q[:, :, s0 : s0 + rows].float(), keys) * fwd.scaling
-            dist = p.view(-1, 1) - kpos.view(1, -1)
-            window = (dist >= 0) & (dist < nl.view(-1, 1))  # [rows, T']
-            probs = torch.exp(logits - lse[:, :, s0 : s0 + rows].unsqueeze(-1)).masked_fill(~window, 0.0).sum(dim=2)
-            state.score[layer][:, lo:end] += probs.view(B, H_kv, H // H_kv, -1).sum(dim=2).transpose(1, 2)
+        G = H // H_kv
+        blocks = fwd.derived("infllm_prefill_blocks", lambda: self._prefill_blocks(fwd, state.page_size, B * H))
+        for s0, s1, lo, end, window in blocks:  # [B, H, rows, keys] fp32 logits a block (a 32K chunk's: 128 GiB)
+            r = s1 - s0
+            keys = fwd.cache.gather_keys_batch(layer, torch.arange(lo, end, device=q.device))  # [B, T', H_kv, D]
+            # the G query heads of a KV head as G*r rows of one matmul (no key copied per query head)
+            rows = (q[:, :, s0:s1].float() * fwd.scaling).reshape(B, H_kv, G * r, D)
+            probs = torch.matmul(rows, keys.float().permute(0, 2, 3, 1))  # [B, H_kv, G*r, T'] logits
+            probs.sub_(lse[:, :, s0:s1].reshape(B, H_kv, G * r, 1)).exp_()
+            probs.view(B, H_kv, G, r, -1).masked_fill_(~window, 0.0)  # keep each query's local window
+            state.score[layer][:, lo:end] += probs.sum(dim=2).transpose(1, 2)
         return out, lse
+
+    def _prefill_blocks(self, fwd: Forward, page_size: int, heads: int) -> list[tuple]:
+        """Once per prefill forward, on the host: the query blocks ``(s0, s1, lo, end, window)`` of the
+        representative scores: queries s0..s1-1 of the chunk, the keys ``[lo, end)`` their local
+        windows reach, and ``window [s1 - s0, end - lo]`` (query i sees key j in its window). Prompt
+        chunks hold the same positions in every sequence, ascending."""
+        pos = fwd.pos[0].tolist()
+        n_local = [self.split(p + 1, page_size)[2] for p in pos]
+        rows = query_rows(heads, len(pos), max(n_local), PREFILL_LOGITS)
+        blocks, device = [], fwd.pos.device
+        for s0 in range(0, len(pos), rows):
+            s1 = min(len(pos), s0 + rows)
+            lo = max(0, min(p - n + 1 for p, n in zip(pos[s0:s1], n_local[s0:s1])))
+            end = pos[s1 - 1] + 1
+            p = torch.tensor(pos[s0:s1], device=device).view(-1, 1)
+            dist = p - torch.arange(lo, end, device=device).view(1, -1)
+            window = (dist >= 0) & (dist < torch.tensor(n_local[s0:s1], device=device).view(-1, 1))
+            blocks.append((s0, s1, lo, end, window))
+        return blocks
 
     # ---- selection ----------------------------------------------------------------------------------
     def select(self, layer: int, q: torch.Tensor, fwd: Forward, state: InfLLMState) -> Selection:

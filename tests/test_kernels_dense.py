@@ -119,3 +119,28 @@ def test_prefill_through_the_dense_op_equals_the_old_prefill(tiny_random, name: 
     torch.testing.assert_close(c_new.v, c_old.v, rtol=1e-5, atol=1e-5)
     assert g_new.tokens == g_old.tokens
     torch.testing.assert_close(g_new.logits, g_old.logits, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_in_order_lists_stop_at_the_last_query(device, splits: int) -> None:
+    """``in_order=True`` (every page in order: a causal prefill, with the LSE InfLLM and TOVA need)
+    stops each program at its rows' last query position: the same output and LSE as walking every
+    key and as the reference, for row blocks ending anywhere, splits wholly past their last query,
+    and a query that sees nothing (poisoned buffers)."""
+    from retrobench.kernels.paged_attention import sparse_paged_attention, sparse_paged_attention_ref
+
+    needs_kernel_device(device)
+    seed = fresh_seed()
+    B, H, H_kv, D, P, T, S = 2, 4, 2, 16, 8, 150, 70  # 2 x 70 rows a KV head: three row blocks
+    q, cache, n_pages, q_pos = _case(B, H, H_kv, D, P, T, S, torch.float32, device)
+    n_max = cache.page_table.shape[1]
+    idx = torch.arange(n_max, device=device).view(1, 1, n_max)
+    every = torch.where(idx < n_pages.view(-1, 1, 1), idx, torch.full_like(idx, -1)).expand(-1, H_kv, -1)
+    args = (q, cache.k[0], cache.v[0], cache.page_table, every, q_pos, D**-0.5)
+    ref_out, ref_lse = sparse_paged_attention_ref(*args, num_units=n_pages)
+    for in_order in (False, True):
+        with poisoned_empty():
+            out, lse = sparse_paged_attention(*args, num_units=n_pages, num_splits=splits, in_order=in_order)
+        assert_close(f"out (in_order={in_order})", out, ref_out, *TOL[torch.float32], seed=seed)
+        assert_close(f"lse (in_order={in_order})", lse, ref_lse, *TOL[torch.float32], seed=seed)
