@@ -3,8 +3,9 @@
 ``python -m retrobench.bench [--model smollm2_135m] [--prompt 2048] [--new 128] [--method full]``
 loads the model once, then alternates the two decoders ``--repeats`` times on the same prompt
 (greedy, fixed length) and reports decode tokens/s (time after the first token), TTFT and the
-ratio. ``--fused-layers`` times a third decoder: the engine through its fused layers uncompiled (fused
-QKV and gate/up projections; on CPU the engine's default runs transformers' modules). Rows go to
+ratio. On CPU the engine's default runs its fused layers uncompiled (one Q/K/V and one gate/up
+projection a layer); ``--modules`` times a third decoder, the engine through transformers' own
+modules (``fused_layers=False``, the CPU default before 58d449b). Rows go to
 ``results/bench/engine_vs_generate.csv`` (long format, with device, versions and
 git sha) and a markdown table beside it. Measure on an idle machine; never used in tests.
 """
@@ -51,15 +52,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new", type=int, default=128, help="new tokens per run")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default="results/bench")
-    parser.add_argument("--fused-layers", action="store_true",
-                        help="also time the engine through its fused layers (uncompiled), a third provider")  # fmt: skip
+    parser.add_argument("--modules", action="store_true",
+                        help="also time the engine through transformers' modules (fused_layers=False), a third provider")  # fmt: skip
     args = parser.parse_args(argv)
 
     model, _ = load_model(OmegaConf.load(CONF / "model" / f"{args.model}.yaml"), device="cpu", dtype="float32")
     method = instantiate(OmegaConf.load(CONF / "method" / f"{args.method}.yaml"), _convert_="all")
     engines = {"retrobench": Engine(model, method)}
-    if args.fused_layers:
-        engines["retrobench (fused layers)"] = Engine(model, method, fused_layers=True)
+    if args.modules:
+        engines["retrobench (transformers modules)"] = Engine(model, method, fused_layers=False)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 20000, (args.prompt,), generator=gen).tolist()
     for engine in engines.values():  # warm-up every path
