@@ -46,8 +46,10 @@ def dense_attention(q, k_cache, v_cache, page_table, n_pages, q_pos, scaling, pa
         pages = _every_page(n_pages, page_table.shape[1], k_cache.shape[2])
     else:
         pages = pages.expand(-1, k_cache.shape[2], -1)
+    # in order: a chunk's programs stop at their last query; a decode query sees every key anyway, and
+    # the bound's q_pos reduce ahead of the first tile cost 4-10 % of full attention's decode step
     return sparse_paged_attention(q, k_cache, v_cache, page_table, pages, q_pos, scaling, num_units=n_pages,
-                                  in_order=True)[0]  # fmt: skip
+                                  in_order=q.shape[2] > 1)[0]  # fmt: skip
 
 
 def prefill_attention_sdpa(q, k_cache, v_cache, page_table, n_pages, q_pos, scaling) -> torch.Tensor:  # noqa: ANN001

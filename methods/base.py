@@ -424,7 +424,7 @@ def attend_dense(
     mask = None if key_mask is None else key_mask.unsqueeze(1).expand(-1, fwd.spec.num_kv_heads, -1)
     return fwd.ops.sparse_attention(
         q, c.k[layer], c.v[layer], c.page_table, pages, q_pos, fwd.scaling, key_mask=mask, num_units=fwd.n_pages,
-        in_order=True,
+        in_order=q.shape[2] > 1,  # a prefill chunk stops at its last query (decode: see dense_attention)
     )
 
 
