@@ -10,7 +10,7 @@ top-k / sort, index / scatter / gather, copies and other elementwise kernels, th
 column of ``decode.md`` says how far the sum is from the bytes a step must read.
 
 Rows go to ``<out>/profile.csv`` (method, kind, kernel, per-step count and microseconds) and the
-summary to ``<out>/profile.md``; ``--phase prefill`` profiles one prefill instead (full attention,
+summary to ``<out>/profile.md``; ``--phase prefill`` profiles one prefill instead (``--methods``, default full;
 ``profile_prefill.*``), with SDPA's attention kernels as their own kind.
 """
 
@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="profiled decode steps per method")
     parser.add_argument("--compile", choices=("on", "off"), default="on", help="engine.compile of the profiled steps")
     parser.add_argument("--phase", choices=("decode", "prefill"), default="decode",
-                        help="profile decode steps (full, quest, retro) or one prefill of --context tokens (full)")  # fmt: skip
+                        help="profile decode steps (full, quest, retro) or one prefill of --context tokens")  # fmt: skip
+    parser.add_argument("--methods", default="full",
+                        help="--phase prefill: comma-separated methods, each with its own defaults (e.g. full,infllm)")  # fmt: skip
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_profile profiles CUDA kernels: run it on a GPU")
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name, budget, window in CASES if args.phase == "decode" else (("full", None, 1),):
+    for name, budget, window in CASES if args.phase == "decode" else [(m, None, 1) for m in args.methods.split(",")]:
         method = make_method(name, budget, window, dense_layers=2)
         engine = Engine(model, method, page_size=16, backend="triton", cuda_graphs=False, compile=args.compile == "on")
         if args.phase == "decode":
